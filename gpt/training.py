@@ -1,0 +1,385 @@
+"""The training loop every stage shares: optimizer, learning-rate schedule, gradient
+accumulation by target count, mixed precision, evaluation, logging and checkpoints.
+
+A stage supplies a `TrainConfig`, a model, a source of micro-batches and a loss
+function returning the *sum* of its losses with the number of targets they
+cover. The loop adds the sums of every micro-batch of an optimizer step and
+divides the gradients by the total count once, so a step over several
+micro-batches of different lengths equals one step over their union.
+
+Limitations: with `max_time` the schedule follows wall time, so such a run does
+not repeat step for step; use `max_steps` for exact reproducibility.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Protocol
+
+import torch
+import torch.nn as nn
+
+from gpt.config import option
+from gpt.device import autocast, peak_flops, resolve_device, resolve_dtype, synchronize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the optimization loop, shared by every training stage."""
+
+    batch_size: int = option(16, "sequences per micro-batch (per process)")
+    grad_accum: int = option(1, "micro-batches per optimizer step; the global batch is batch_size * grad_accum * processes")
+    max_steps: int = option(1000, "number of optimizer steps (an upper bound when max_time is set)")
+    max_time: float = option(0.0, "training time budget in seconds, 0 for none; the schedule then follows elapsed time")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
+    schedule: Literal["cosine", "wsd", "constant"] = option("cosine", "learning-rate schedule after warmup: cosine decay, warmup-stable-decay, or constant")
+    warmup_steps: int = option(50, "steps of linear warmup from 0 to lr")
+    decay_fraction: float = option(0.2, "wsd only: share of the run, at its end, spent decaying linearly to the final rate")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to matrices only (not to biases and norm weights)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "maximum global gradient norm, 0 to disable clipping")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "compute precision: auto picks bfloat16 where the device has native support; weights stay float32")
+    compile: bool = option(False, "compile the model with torch.compile (slower start, faster steps)")
+    eval_interval: int = option(100, "evaluate every N steps and at the end, 0 for only at the end")
+    eval_batches: int = option(20, "micro-batches per evaluation")
+    log_interval: int = option(1, "write a log line and a metrics.jsonl record every N steps")
+    checkpoint_interval: int = option(200, "save a checkpoint every N steps and at the end")
+    seed: int = option(1337, "random seed for initialization, data order and dropout")
+    resume: bool = option(False, "continue from the resume state in the output folder")
+    peak_tflops: float = option(0.0, "peak TFLOP/s used for MFU; 0 looks the GPU up in a table or measures the device's matmul peak")
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                found.append(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_time", "warmup_steps", "eval_interval", "grad_clip", "weight_decay", "peak_tflops"):
+            if getattr(self, name) < 0:
+                found.append(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.lr <= 0:
+            found.append(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            found.append(f"train.min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            found.append(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                found.append(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("log_interval", "checkpoint_interval", "eval_batches"):
+            if getattr(self, name) < 1:
+                found.append(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        return found
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; biases and norm gains are not decayed
+    (Loshchilov and Hutter 2019 define decay per weight; decaying gains only shrinks them)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step`, where `progress` in [0, 1] is the share of the run done."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = 1.0 - cfg.decay_fraction
+        if progress < decay_start:
+            return cfg.lr
+        return cfg.lr - (cfg.lr - min_lr) * (progress - decay_start) / cfg.decay_fraction
+    # Cosine from the end of warmup to the end of the run.
+    warm = cfg.warmup_steps / cfg.max_steps if cfg.max_time == 0 else 0.0
+    frac = (progress - warm) / max(1.0 - warm, 1e-9)
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+
+class LossFn(Protocol):
+    def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | int, dict[str, float]]:
+        """Return (sum of losses, number of targets, extra metrics) for one micro-batch."""
+
+
+class BatchSource(Protocol):
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Hooks:
+    """What a stage plugs into the loop."""
+
+    loss_fn: LossFn
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    save: Callable[[nn.Module, int], None] | None = None  # writes the stage's weights for `step`
+    tokens_per_batch: Callable[[Any], int] = lambda batch: 0  # input tokens, for tok/s and MFU
+    flops_per_token: float = 0.0
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+class Trainer:
+    """Runs the optimization loop of one stage and writes metrics.jsonl and checkpoints to `out_dir`."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | os.PathLike, batches: BatchSource,
+                 hooks: Hooks) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.model = model.to(self.device)
+        self.batches = batches
+        self.hooks = hooks
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds, carried over a resume
+        self.tokens_seen = 0
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.peak = None
+
+    # Resume state -----------------------------------------------------------------------
+    def train_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "tokens_seen": self.tokens_seen,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.batches.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_train_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
+
+    # The loop ---------------------------------------------------------------------------
+    def progress(self) -> float:
+        if self.cfg.max_time > 0:
+            return max(self.step / self.cfg.max_steps, self.elapsed / self.cfg.max_time)
+        return self.step / self.cfg.max_steps
+
+    def done(self) -> bool:
+        return self.step >= self.cfg.max_steps or (self.cfg.max_time > 0 and self.elapsed >= self.cfg.max_time)
+
+    def train_step(self, batch_iter: Iterator[Any]) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; return its metrics."""
+        cfg, model = self.cfg, self.model
+        lr = lr_at(self.progress(), self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        extras: dict[str, float] = {}
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            batch = next(batch_iter)
+            tokens += self.hooks.tokens_per_batch(batch)
+            with autocast(self.device, self.dtype):
+                micro_loss, micro_count, micro_extras = self.hooks.loss_fn(self.forward_model, batch)
+            micro_loss.backward()
+            loss_sum += micro_loss.detach().float()
+            count += micro_count
+            for key, value in micro_extras.items():
+                extras[key] = extras.get(key, 0.0) + float(value)
+        if count.item() == 0:
+            raise ValueError(f"step {self.step}: no targets in {cfg.grad_accum} micro-batches; every example is "
+                             f"masked out, so check the data and its loss mask")
+        # Gradients of the summed losses divided once by the window's target count:
+        # the same gradient as one batch holding every micro-batch.
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(count)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": (loss_sum / count).item(), "lr": lr, "gnorm": gnorm.item(), "tokens": tokens}
+        metrics.update({key: value / cfg.grad_accum for key, value in extras.items()})
+        return metrics
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out_dir / "metrics.jsonl"
+        if cfg.resume:
+            from gpt.checkpoint import load_train_state
+            self.load_train_state(load_train_state(self.out_dir))
+            logger.info("resumed at step %d from %s", self.step, self.out_dir)
+            _truncate_metrics(metrics_path, self.step)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+        if self.hooks.flops_per_token:
+            self.peak = peak_flops(self.device, self.dtype, cfg.peak_tflops)
+
+        batch_iter = iter(self.batches)
+        step_times: list[float] = []
+        last_eval: dict[str, float] = {}
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=True if os.environ.get("GPTLAB_NO_PROGRESS") == "1" else None)  # None: only on a terminal
+        with logging_redirect_tqdm(), open(metrics_path, "a", encoding="utf-8") as metrics_file:
+            while not self.done():
+                synchronize(self.device)
+                t0 = time.perf_counter()
+                metrics = self.train_step(batch_iter)
+                synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                self.step += 1
+                self.tokens_seen += metrics["tokens"]
+                step_times.append(dt)
+                record = self._step_record(metrics, dt)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower train.lr or "
+                                             f"check the data (the last checkpoint in {self.out_dir} is intact)")
+                is_last = self.done()
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 or is_last:
+                    last_eval = self._evaluate()
+                    record.update(last_eval)
+                if self.step % cfg.log_interval == 0 or is_last or last_eval is record:
+                    logger.info(self._log_line(record))
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if self.step % cfg.checkpoint_interval == 0 or is_last:
+                    self.save()
+        bar.close()
+        return self._summary(step_times, last_eval)
+
+    def save(self) -> None:
+        from gpt.checkpoint import save_train_state
+
+        if self.hooks.save is not None:
+            self.hooks.save(self.model, self.step)
+        save_train_state(self.out_dir, self.train_state())
+
+    def _evaluate(self) -> dict[str, float]:
+        if self.hooks.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            results = self.hooks.evaluate(self.model)
+        self.model.train()
+        return results
+
+    def _step_record(self, metrics: dict[str, float], dt: float) -> dict[str, Any]:
+        tok_per_s = metrics["tokens"] / dt if dt > 0 else 0.0
+        record: dict[str, Any] = {"step": self.step, "loss": metrics["loss"], "lr": metrics["lr"],
+                                  "gnorm": metrics["gnorm"], "ms": dt * 1000, "tok_per_s": tok_per_s}
+        if self.peak:
+            record["mfu"] = self.hooks.flops_per_token * tok_per_s / self.peak
+        remaining = self.cfg.max_steps - self.step
+        eta = remaining * (self.elapsed / max(self.step, 1))
+        if self.cfg.max_time > 0:
+            eta = min(eta, max(self.cfg.max_time - self.elapsed, 0.0))
+        record["eta_s"] = eta
+        record["elapsed_s"] = self.elapsed
+        record["tokens_seen"] = self.tokens_seen
+        record.update({k: v for k, v in metrics.items() if k not in record and k != "tokens"})
+        return record
+
+    def _log_line(self, r: dict[str, Any]) -> str:
+        parts = [f"step {r['step']}/{self.cfg.max_steps} ({100 * self.progress():.1f}%)", f"loss {r['loss']:.4f}",
+                 f"lr {r['lr']:.2e}", f"gnorm {r['gnorm']:.2f}", f"{r['ms']:.0f} ms", f"{r['tok_per_s']:,.0f} tok/s"]
+        if "mfu" in r:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        parts.append(f"eta {format_duration(r['eta_s'])}")
+        standard = {"step", "loss", "lr", "gnorm", "ms", "tok_per_s", "mfu", "eta_s", "elapsed_s", "tokens_seen"}
+        for key, value in r.items():
+            if key not in standard:
+                parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        return " | ".join(parts)
+
+    def _summary(self, step_times: list[float], last_eval: dict[str, float]) -> dict[str, float]:
+        # The first steps include compilation and allocator warm-up, so they are left out.
+        steady = step_times[min(len(step_times) // 5, 10):] or step_times or [0.0]
+        step_ms = 1000 * sum(steady) / len(steady)
+        summary = {"steps": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
+                   "steady_step_ms": step_ms, **last_eval}
+        if self.elapsed > 0:
+            summary["tok_per_s"] = self.tokens_seen / self.elapsed
+        if self.device.type == "cuda":
+            summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        else:
+            import resource
+            summary["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        logger.info("done: %d steps in %s | steady %.0f ms/step | %s tok/s | peak memory %.2f GB", self.step,
+                    format_duration(self.elapsed), step_ms, f"{summary.get('tok_per_s', 0):,.0f}",
+                    summary["peak_memory_gb"])
+        return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after `step`: the steps a killed run logged past its last checkpoint are redone."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by the kill
+    from gpt.checkpoint import atomic_write_text
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "") -> None:
+    """Draw training loss per step, and validation loss where evaluated, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1)
+    evals = [r for r in records if "val_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""gptlab, the command-line tool: runs each pipeline stage from a config, with presets."""

@@ -1,0 +1,1 @@
+"""Pretraining stage: tokenizer training, corpus tokenization into shards, causal-LM pretraining."""
