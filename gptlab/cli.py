@@ -49,7 +49,11 @@ class Stage(NamedTuple):
 STAGES: dict[str, Stage] = {
     "prepare": Stage("pretrain.prepare:PrepareConfig", "pretrain.prepare:run", "tokenize a text corpus into token shards for pretraining"),
     "pretrain": Stage("pretrain.train:PretrainConfig", "pretrain.train:train", "pretrain a GPT on token shards (next-token prediction)"),
+    "inspect-data": Stage("finetune.inspect_data:InspectConfig", "finetune.inspect_data:run", "show rendered chat examples, trained tokens and counts before fine-tuning"),
+    "sft": Stage("finetune.sft:SFTConfig", "finetune.sft:train", "supervised instruction tuning on chat data, full or LoRA"),
+    "merge": Stage("gptlab.merge:MergeConfig", "gptlab.merge:run", "fold a LoRA adapter into its base model's weights"),
     "sample": Stage("gptlab.sample:SampleConfig", "gptlab.sample:run", "generate text from a checkpoint"),
+    "chat": Stage("serve.chat_app:ChatConfig", "serve.chat_app:run", "chat with a model in the browser (Gradio, on 127.0.0.1)"),
     "export": Stage("gptlab.export:ExportConfig", "gptlab.export:run", "export a checkpoint to a Hugging Face transformers folder"),
 }
 

@@ -24,8 +24,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         # The default: a base model worth talking to after 20 minutes on a laptop CPU.
         "cpu": {
             "data": {"sources": "tinystories,gutenberg-children", "vocab_size": 8192},
-            "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
-            "train": {"batch_size": 16, "max_steps": 100_000, "max_time": 1200.0, "lr": 2e-3, "warmup_steps": 100,
+            "model": {"n_layer": 6, "n_head": 4, "n_embd": 256, "block_size": 256},
+            "train": {"batch_size": 16, "grad_accum": 2, "max_steps": 100_000, "max_time": 1200.0, "lr": 2e-3,
+                      "warmup_steps": 100,
                       "schedule": "cosine", "compile": True, "eval_interval": 250, "checkpoint_interval": 250},
         },
         # The 124M-parameter GPT-2 layout for one GPU: 0.5M tokens per step, as the GPT-3 paper
