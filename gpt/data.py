@@ -58,7 +58,8 @@ class CatalogEntry:
 
     Attributes:
         name: the catalog key, used as `source` in configs.
-        hub_id: Hugging Face Hub dataset id, used when $GPTLAB_DATA_DIR is unset.
+        hub_id: Hugging Face Hub dataset id, used when $GPTLAB_DATA_DIR is unset; empty for a
+            data set that exists only as the local files.
         hub_config: Hub configuration name, or None.
         hub_split: Hub split to load.
         local: glob patterns relative to $GPTLAB_DATA_DIR; every pattern must match a file.
@@ -146,6 +147,135 @@ CATALOG: dict[str, CatalogEntry] = {
             description=(
                 "40,000 lines of Shakespeare (1.1 MB). Locally each speech (a blank-line separated block) is "
                 "a document; the Hub copy has the whole train split as one row."
+            ),
+        ),
+        # Chat data for supervised fine-tuning, read by gpt.sft_data.load_conversations.
+        CatalogEntry(
+            name="gpteacher",
+            hub_id="",
+            local=("sft/gpteacher/*.json.gz",),
+            kind="sft",
+            license="MIT",
+            description=(
+                "GPTeacher (teknium1/GPTeacher on GitHub): 14,131 GPT-4-generated instructions with input and "
+                "response, in three subsets: codegen (4,535), roleplay (1,923) and toolformer (7,673). Local "
+                "files only; the Hub's teknium/GPTeacher-General-Instruct is another subset."
+            ),
+        ),
+        CatalogEntry(
+            name="gpteacher-codegen",
+            hub_id="",
+            local=("sft/gpteacher/codegen-instruct.json.gz",),
+            kind="sft",
+            license="MIT",
+            description="The codegen subset of GPTeacher: 4,535 programming tasks with answers in code.",
+        ),
+        CatalogEntry(
+            name="gpteacher-roleplay",
+            hub_id="",
+            local=("sft/gpteacher/roleplay-simple-deduped-roleplay-instruct.json.gz",),
+            kind="sft",
+            license="MIT",
+            description="The roleplay subset of GPTeacher: 1,923 instructions to answer in character.",
+        ),
+        CatalogEntry(
+            name="gpteacher-toolformer",
+            hub_id="",
+            local=("sft/gpteacher/toolformer-dedupe-only-dataset.json.gz",),
+            kind="sft",
+            license="MIT",
+            description="The toolformer subset of GPTeacher: 7,673 answers that call a described tool.",
+        ),
+        CatalogEntry(
+            name="chitchat",
+            hub_id="",
+            local=("sft/chitchat/dataset.json.gz",),
+            kind="sft",
+            license="MIT",
+            description=(
+                "BYU PCC Chit-Chat (PyPI chitchat-dataset 0.9.0): 7,168 open-domain conversations between two "
+                "people. The one who writes first plays the user. The 3,150 conversations that only one person "
+                "wrote in have no reply and are skipped, so 4,018 remain. Local files only."
+            ),
+        ),
+        CatalogEntry(
+            name="taskmaster4",
+            hub_id="",
+            local=("sft/taskmaster4/data_*.json.gz",),
+            kind="sft",
+            license="CC-BY-4.0",
+            description=(
+                "Taskmaster-4 (google-research-datasets/Taskmaster on GitHub): 3,710 coffee-ordering dialogs "
+                "between a customer (user) and a barista (assistant). Only the spoken text is kept; the "
+                "API-call annotations are left out. Local files only."
+            ),
+        ),
+        CatalogEntry(
+            name="identity",
+            hub_id="llamafactory/demo_data",
+            hub_config="identity",
+            local=("sft/identity/identity.json",),
+            kind="sft",
+            license="Apache-2.0",
+            description=(
+                "91 questions about who the assistant is, from LLaMA-Factory, with {{name}} and {{author}} "
+                "placeholders that load_conversations fills in."
+            ),
+        ),
+        CatalogEntry(
+            name="self-instruct-seed",
+            hub_id="HuggingFaceH4/self-instruct-seed",
+            local=("sft/self_instruct_seed/seed_tasks.jsonl",),
+            kind="sft",
+            license="Apache-2.0",
+            description="The 175 human-written seed tasks of Self-Instruct (Wang et al. 2022), one example each.",
+        ),
+        CatalogEntry(
+            name="gsm8k-train",
+            hub_id="openai/gsm8k",
+            hub_config="main",
+            hub_split="train",
+            local=("eval/gsm8k/train.jsonl.gz",),
+            kind="sft",
+            license="MIT",
+            description=(
+                "GSM8K train split: 7,473 grade-school math word problems. The reply is the worked solution "
+                "ending in its '#### N' answer line."
+            ),
+        ),
+        CatalogEntry(
+            name="alpaca",
+            hub_id="tatsu-lab/alpaca",
+            kind="sft",
+            license="CC-BY-NC-4.0",
+            description="Stanford Alpaca: 52k instructions answered by text-davinci-003. Hub only; non-commercial.",
+        ),
+        CatalogEntry(
+            name="dolly",
+            hub_id="databricks/databricks-dolly-15k",
+            kind="sft",
+            license="CC-BY-SA-3.0",
+            description="databricks-dolly-15k: 15k instructions written and answered by Databricks employees. Hub only.",
+        ),
+        CatalogEntry(
+            name="oasst1",
+            hub_id="OpenAssistant/oasst1",
+            kind="sft",
+            license="Apache-2.0",
+            description=(
+                "OpenAssistant Conversations (oasst1): crowd-written message trees in many languages, flattened "
+                "to the best-ranked path of each tree. Hub only."
+            ),
+        ),
+        CatalogEntry(
+            name="smoltalk",
+            hub_id="HuggingFaceTB/smoltalk",
+            hub_config="all",
+            kind="sft",
+            license="Apache-2.0",
+            description=(
+                "SmolTalk: synthetic chat conversations (messages with role and content) made for SmolLM2; "
+                "the config 'all' joins its subsets. Hub only."
             ),
         ),
     )

@@ -13,6 +13,7 @@ not repeat step for step; use `max_steps` for exact reproducibility.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,17 @@ from typing import Any, Callable, Iterator, Literal, Protocol
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
+from gpt import distributed
 from gpt.config import option
 from gpt.device import autocast, peak_flops, resolve_device, resolve_dtype, synchronize
 
@@ -51,6 +62,7 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "compute precision: auto picks bfloat16 where the device has native support; weights stay float32")
     compile: bool = option(False, "compile the model with torch.compile (slower start, faster steps)")
+    fsdp: bool = option(False, "under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) instead of replicating them (DDP)")
     eval_interval: int = option(100, "evaluate every N steps and at the end, 0 for only at the end")
     eval_batches: int = option(20, "micro-batches per evaluation")
     log_interval: int = option(1, "write a log line and a metrics.jsonl record every N steps")
@@ -135,6 +147,16 @@ class Hooks:
     flops_per_token: float = 0.0
 
 
+def shard_model(model: nn.Module) -> None:
+    """Shard parameters, gradients and optimizer state over the processes with FSDP2: each
+    transformer block is one unit, gathered just before it runs and freed after."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in getattr(model, "blocks", []):
+        fully_shard(block)
+    fully_shard(model)
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
@@ -145,15 +167,33 @@ def format_duration(seconds: float) -> str:
 
 
 class Trainer:
-    """Runs the optimization loop of one stage and writes metrics.jsonl and checkpoints to `out_dir`."""
+    """Runs the optimization loop of one stage and writes metrics.jsonl and checkpoints to `out_dir`.
+
+    Under torchrun the model is wrapped in DistributedDataParallel, or sharded with
+    FSDP2 when `fsdp` is set; each process runs grad_accum / world_size
+    micro-batches per step, and only rank 0 evaluates, logs and writes files.
+    """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | os.PathLike, batches: BatchSource,
                  hooks: Hooks) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        distributed.setup(cfg.device)
+        self.world_size = distributed.world_size()
+        self.is_main = distributed.is_main()
+        if cfg.grad_accum % self.world_size:
+            raise ValueError(f"train.grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes "
+                             f"({self.world_size}), so that the global batch stays batch_size * grad_accum; "
+                             f"set train.grad_accum to a multiple of {self.world_size}")
+        self.local_accum = cfg.grad_accum // self.world_size
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world_size > 1:
+            self.device = torch.device("cuda", distributed.local_rank())
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = model.to(self.device)
+        self.sharded = cfg.fsdp and self.world_size > 1
+        if self.sharded:
+            shard_model(self.model)
         self.batches = batches
         self.hooks = hooks
         self.optimizer = build_optimizer(self.model, cfg, self.device)
@@ -161,16 +201,25 @@ class Trainer:
         self.elapsed = 0.0  # training seconds, carried over a resume
         self.tokens_seen = 0
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        if self.world_size > 1 and not self.sharded:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
         self.peak = None
 
     # Resume state -----------------------------------------------------------------------
     def train_state(self) -> dict:
+        """The resume state, gathered whole on every process (a collective under torchrun).
+
+        Weights and optimizer state are keyed by parameter name, so a state saved by
+        a sharded or replicated job resumes in a job of any size.
+        """
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = {
             "step": self.step,
             "elapsed": self.elapsed,
             "tokens_seen": self.tokens_seen,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "model": get_model_state_dict(self.model, options=options),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
             "data": self.batches.state_dict(),
             "rng_cpu": torch.get_rng_state(),
         }
@@ -179,8 +228,9 @@ class Trainer:
         return state
 
     def load_train_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         self.batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
@@ -196,40 +246,54 @@ class Trainer:
     def done(self) -> bool:
         return self.step >= self.cfg.max_steps or (self.cfg.max_time > 0 and self.elapsed >= self.cfg.max_time)
 
+    def _sync_gradients(self, enabled: bool):
+        """Context for one micro-batch: gradients are all-reduced only on the window's last one."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(enabled)
+        elif isinstance(self.forward_model, DistributedDataParallel) and not enabled:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
+
     def train_step(self, batch_iter: Iterator[Any]) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; return its metrics."""
+        """One optimizer step over grad_accum micro-batches (across all processes); return its metrics."""
         cfg, model = self.cfg, self.model
         lr = lr_at(self.progress(), self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        count = torch.zeros((), device=self.device)
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss sum, targets, input tokens
         extras: dict[str, float] = {}
-        tokens = 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(self.local_accum):
             batch = next(batch_iter)
-            tokens += self.hooks.tokens_per_batch(batch)
-            with autocast(self.device, self.dtype):
-                micro_loss, micro_count, micro_extras = self.hooks.loss_fn(self.forward_model, batch)
-            micro_loss.backward()
-            loss_sum += micro_loss.detach().float()
-            count += micro_count
+            with self._sync_gradients(micro == self.local_accum - 1):
+                with autocast(self.device, self.dtype):
+                    micro_loss, micro_count, micro_extras = self.hooks.loss_fn(self.forward_model, batch)
+                micro_loss.backward()
+            totals[0] += micro_loss.detach().double()
+            totals[1] += micro_count
+            totals[2] += self.hooks.tokens_per_batch(batch)
             for key, value in micro_extras.items():
                 extras[key] = extras.get(key, 0.0) + float(value)
-        if count.item() == 0:
+        distributed.all_reduce_sum(totals)
+        loss_sum, count, tokens = totals.tolist()
+        if count == 0:
             raise ValueError(f"step {self.step}: no targets in {cfg.grad_accum} micro-batches; every example is "
                              f"masked out, so check the data and its loss mask")
-        # Gradients of the summed losses divided once by the window's target count:
-        # the same gradient as one batch holding every micro-batch.
+        # Each process summed its losses, and the all-reduce averaged the gradients over
+        # processes; scaling by world_size / count gives the gradient of the mean over every
+        # target of the window, the same as one batch holding all micro-batches.
+        scale = self.world_size / count
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.div_(count)
+                p.grad.mul_(scale)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if isinstance(gnorm, DTensor):
+            gnorm = gnorm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": (loss_sum / count).item(), "lr": lr, "gnorm": gnorm.item(), "tokens": tokens}
-        metrics.update({key: value / cfg.grad_accum for key, value in extras.items()})
+        metrics = {"loss": loss_sum / count, "lr": lr, "gnorm": gnorm.item(), "tokens": int(tokens)}
+        # Extra metrics are averaged over this process's micro-batches.
+        metrics.update({key: value / self.local_accum for key, value in extras.items()})
         return metrics
 
     def run(self) -> dict[str, float]:
@@ -240,10 +304,12 @@ class Trainer:
             from gpt.checkpoint import load_train_state
             self.load_train_state(load_train_state(self.out_dir))
             logger.info("resumed at step %d from %s", self.step, self.out_dir)
-            _truncate_metrics(metrics_path, self.step)
-        elif metrics_path.exists():
+            if self.is_main:
+                _truncate_metrics(metrics_path, self.step)
+        elif metrics_path.exists() and self.is_main:
             metrics_path.unlink()
-        if self.hooks.flops_per_token:
+        distributed.barrier()
+        if self.hooks.flops_per_token and self.is_main:
             self.peak = peak_flops(self.device, self.dtype, cfg.peak_tflops)
 
         batch_iter = iter(self.batches)
@@ -252,16 +318,19 @@ class Trainer:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        show_bar = self.is_main and os.environ.get("GPTLAB_NO_PROGRESS") != "1"
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=True if os.environ.get("GPTLAB_NO_PROGRESS") == "1" else None)  # None: only on a terminal
-        with logging_redirect_tqdm(), open(metrics_path, "a", encoding="utf-8") as metrics_file:
+                   disable=None if show_bar else True)  # None: shown only on a terminal
+        metrics_file = open(metrics_path, "a", encoding="utf-8") if self.is_main else None
+        with logging_redirect_tqdm():
             while not self.done():
                 synchronize(self.device)
                 t0 = time.perf_counter()
                 metrics = self.train_step(batch_iter)
                 synchronize(self.device)
                 dt = time.perf_counter() - t0
-                self.elapsed += dt
+                # Every process follows rank 0's clock, so all agree on the schedule and the stop.
+                self.elapsed = distributed.broadcast_float(self.elapsed + dt, self.device)
                 self.step += 1
                 self.tokens_seen += metrics["tokens"]
                 step_times.append(dt)
@@ -272,27 +341,44 @@ class Trainer:
                     raise FloatingPointError(f"loss became {metrics['loss']} at step {self.step}; lower train.lr or "
                                              f"check the data (the last checkpoint in {self.out_dir} is intact)")
                 is_last = self.done()
-                if cfg.eval_interval and self.step % cfg.eval_interval == 0 or is_last:
+                evaluated = cfg.eval_interval and self.step % cfg.eval_interval == 0 or is_last
+                if evaluated:
                     last_eval = self._evaluate()
                     record.update(last_eval)
-                if self.step % cfg.log_interval == 0 or is_last or last_eval is record:
+                if metrics_file and (self.step % cfg.log_interval == 0 or is_last or evaluated):
                     logger.info(self._log_line(record))
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 if self.step % cfg.checkpoint_interval == 0 or is_last:
                     self.save()
         bar.close()
+        if metrics_file:
+            metrics_file.close()
         return self._summary(step_times, last_eval)
 
     def save(self) -> None:
+        """Write the stage's weights and the resume state (rank 0 writes; every rank gathers)."""
         from gpt.checkpoint import save_train_state
 
-        if self.hooks.save is not None:
-            self.hooks.save(self.model, self.step)
-        save_train_state(self.out_dir, self.train_state())
+        state = self.train_state()
+        if self.is_main:
+            if self.hooks.save is not None:
+                self.hooks.save(self._unsharded_model(state["model"]), self.step)
+            save_train_state(self.out_dir, state)
+        distributed.barrier()
+
+    def _unsharded_model(self, full_state: dict) -> nn.Module:
+        """The model with whole tensors: itself, or for a sharded run a CPU copy from `full_state`."""
+        if not self.sharded:
+            return self.model
+        copy = type(self.model)(self.model.config)
+        copy.load_state_dict(full_state)
+        return copy
 
     def _evaluate(self) -> dict[str, float]:
-        if self.hooks.evaluate is None:
+        # A sharded model runs forward passes only with every process taking part, so
+        # all of them evaluate; a replicated one is evaluated by rank 0 alone.
+        if self.hooks.evaluate is None or not (self.is_main or self.sharded):
             return {}
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.dtype):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt import distributed
 from gpt.checkpoint import read_model_meta, save_model
 from gpt.config import option, save_config
 from gpt.data import TokenShards
@@ -129,8 +130,10 @@ def evaluate_bits_per_byte(model: GPT, tokens: np.ndarray, bytes_per_token: floa
 
 
 def train(cfg: PretrainConfig) -> dict:
+    distributed.setup(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    tokenizer, tokenizer_path, meta = prepare_run(cfg.data, cfg.out_dir)
+    with distributed.main_first():  # rank 0 trains the tokenizer and writes the shards; the others reuse them
+        tokenizer, tokenizer_path, meta = prepare_run(cfg.data, cfg.out_dir)
     ckpt_dir = Path(cfg.out_dir) / "pretrain"
     cfg.model.vocab_size = tokenizer.vocab_size
     if cfg.train.resume:
@@ -144,11 +147,12 @@ def train(cfg: PretrainConfig) -> dict:
     train_tokens = TokenShards(Path(cfg.out_dir) / "data", "train").tokens
     val_tokens = TokenShards(Path(cfg.out_dir) / "data", "val").tokens
     batches = WindowSampler(train_tokens, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed,
+                            rank=distributed.rank(), world_size=distributed.world_size(),
                             source=str(Path(cfg.out_dir) / "data"))
     val_meta = meta["splits"]["val"]
     bytes_per_token = val_meta["bytes"] / max(val_meta["tokens"], 1)
 
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size  # global, all processes
     logger.info("model: %s parameters (%s without embeddings), %.3g FLOPs per token",
                 f"{model.num_parameters():,}", f"{model.num_parameters(exclude_embeddings=True):,}",
                 model.flops_per_token())
@@ -157,8 +161,9 @@ def train(cfg: PretrainConfig) -> dict:
                 cfg.train.batch_size, cfg.train.grad_accum, cfg.model.block_size,
                 tokens_per_step * cfg.train.max_steps / len(train_tokens), cfg.train.max_steps)
 
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, ckpt_dir / "config.yaml")
+    if distributed.is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, ckpt_dir / "config.yaml")
     prompts = [p for p in cfg.sample_prompts.split("|") if p.strip()] if cfg.sample_tokens else []
 
     def evaluate(m: GPT) -> dict[str, float]:
@@ -177,9 +182,10 @@ def train(cfg: PretrainConfig) -> dict:
     )
     trainer = Trainer(model, cfg.train, ckpt_dir, batches, hooks)
     summary = trainer.run()
-    plot_loss(ckpt_dir / "metrics.jsonl", ckpt_dir / "loss.png", title=f"pretrain {Path(cfg.out_dir).name}")
-    (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    logger.info("checkpoint: %s", ckpt_dir)
+    if distributed.is_main():
+        plot_loss(ckpt_dir / "metrics.jsonl", ckpt_dir / "loss.png", title=f"pretrain {Path(cfg.out_dir).name}")
+        (ckpt_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        logger.info("checkpoint: %s", ckpt_dir)
     return summary
 
 

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning stage: chat data inspection and instruction tuning (full or LoRA)."""

@@ -1,0 +1,1 @@
+"""Serving: the Gradio chat page (`gptlab chat`) and the HTTP API (`gptlab serve`)."""
