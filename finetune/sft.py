@@ -319,7 +319,7 @@ def train(cfg: SFTConfig) -> dict:
     record = {"base": str(base_dir), "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets}
               if cfg.lora_r else None}
     if cfg.train.resume:
-        check_resume(out_dir, record)
+        check_resume(out_dir, record["lora"])
 
     tokenizer_file = base_dir / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tokenizer_file)
@@ -377,17 +377,17 @@ def train(cfg: SFTConfig) -> dict:
     return summary
 
 
-def check_resume(out_dir: Path, record: dict) -> None:
-    """Raise ValueError when the saved run in `out_dir` had another base or LoRA setting."""
+def check_resume(out_dir: Path, lora: dict | None) -> None:
+    """Raise ValueError when the run saved in `out_dir` had other LoRA settings, whose
+    resume state would not fit this model."""
     path = out_dir / MODEL_CONFIG_FILE
     if not path.is_file():
         return  # nothing saved yet: the Trainer reports the missing resume state
     saved = json.loads(path.read_text(encoding="utf-8")).get("sft") or {}
-    changed = [f"{key}: saved {saved.get(key)!r}, now {value!r}" for key, value in record.items()
-               if key in saved and saved[key] != value]
-    if changed:
-        raise ValueError(f"cannot resume from {out_dir}: the run differs from its {MODEL_CONFIG_FILE} "
-                         f"({'; '.join(changed)}); resume with the saved settings, or start a new out_dir")
+    if "lora" in saved and saved["lora"] != lora:
+        raise ValueError(f"cannot resume from {out_dir}: its {MODEL_CONFIG_FILE} records LoRA settings "
+                         f"{saved['lora']}, and this run has {lora}; resume with the saved lora_r, lora_alpha and "
+                         f"lora_targets, or start a new out_dir")
 
 
 @torch.no_grad()

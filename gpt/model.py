@@ -346,7 +346,7 @@ class GPT(nn.Module):
         if past + T > self.config.block_size and self.config.pos_encoding == "learned":
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size} of this model")
         if kv_cache is not None and past + T > kv_cache.max_length:
-            raise ValueError(f"KV cache holds {kv_cache.max_length} positions, {past + T} requested")
+            raise ValueError(f"KV cache too small: it has room for {kv_cache.max_length} positions, {past + T} requested")
 
         key_mask, position_ids, custom_mask = self._masks_and_positions(idx, attention_mask, position_ids, kv_cache)
         attn_mask = custom_mask if custom_mask is not None else self._attention_bias(key_mask, position_ids, kv_cache, T)

@@ -138,7 +138,7 @@ class BatchSource(Protocol):
 
 @dataclass
 class Hooks:
-    """What a stage plugs into the loop."""
+    """Callbacks a stage plugs into the loop."""
 
     loss_fn: LossFn
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
@@ -319,7 +319,7 @@ class Trainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         show_bar = self.is_main and os.environ.get("GPTLAB_NO_PROGRESS") != "1"
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=None if cfg.max_time > 0 else cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None if show_bar else True)  # None: shown only on a terminal
         metrics_file = open(metrics_path, "a", encoding="utf-8") if self.is_main else None
         with logging_redirect_tqdm():
@@ -403,7 +403,11 @@ class Trainer:
         return record
 
     def _log_line(self, r: dict[str, Any]) -> str:
-        parts = [f"step {r['step']}/{self.cfg.max_steps} ({100 * self.progress():.1f}%)", f"loss {r['loss']:.4f}",
+        if self.cfg.max_time > 0:  # the time budget ends the run, so progress is a share of it
+            where = f"step {r['step']} ({100 * self.progress():.1f}% of {format_duration(self.cfg.max_time)})"
+        else:
+            where = f"step {r['step']}/{self.cfg.max_steps} ({100 * self.progress():.1f}%)"
+        parts = [where, f"loss {r['loss']:.4f}",
                  f"lr {r['lr']:.2e}", f"gnorm {r['gnorm']:.2f}", f"{r['ms']:.0f} ms", f"{r['tok_per_s']:,.0f} tok/s"]
         if "mfu" in r:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")

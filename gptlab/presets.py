@@ -37,6 +37,14 @@ PRESETS: dict[str, dict[str, dict]] = {
             "train": {"batch_size": 32, "grad_accum": 16, "max_steps": 5000, "lr": 6e-4, "warmup_steps": 200,
                       "compile": True, "eval_interval": 250, "checkpoint_interval": 500},
         },
+        # The 350M-parameter GPT-2 medium layout for several GPUs (add --train.fsdp where one
+        # GPU's memory is too small); 0.5M tokens per step.
+        "gpt2-medium": {
+            "data": {"sources": "tinystories,gutenberg-children", "vocab_size": 32768},
+            "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
+            "train": {"batch_size": 16, "grad_accum": 32, "max_steps": 10000, "lr": 3e-4, "warmup_steps": 500,
+                      "compile": True, "eval_interval": 500, "checkpoint_interval": 500},
+        },
     },
 }
 

@@ -8,7 +8,7 @@ package; it never downloads a browser and sends no request beyond 127.0.0.1.
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import os
 import queue
 import re
@@ -26,6 +26,7 @@ import torch
 from gpt.chat import END_OF_TURN, render_prompt, stop_token_ids
 from gpt.checkpoint import TOKENIZER_FILE, save_model
 from gpt.config import ConfigError, build_config
+from gpt.lora import add_lora, merge_adapter, save_adapter
 from gpt.model import GPT, ModelConfig
 from gpt.tokenizer import Tokenizer
 from serve import chat_app
@@ -320,11 +321,18 @@ def test_load_chat_model(checkpoint, model):
     assert torch.equal(loaded.wte.weight, model.wte.weight)
 
 
-def test_adapter_without_lora(checkpoint, tmp_path):
-    if importlib.util.find_spec("gpt.lora") is not None:
-        pytest.skip("gpt/lora.py exists, so adapters load")
-    with pytest.raises(NotImplementedError, match="gpt/lora.py"):
-        load_chat_model(ChatConfig(checkpoint=checkpoint, device="cpu", adapter=tmp_path))
+def test_load_chat_model_with_adapter(checkpoint, model, tmp_path):
+    adapted = add_lora(copy.deepcopy(model), r=2, alpha=4, dropout=0.0, targets="q_proj,v_proj")
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    save_adapter(adapted, tmp_path / "adapter", base_checkpoint=checkpoint)
+    expected = merge_adapter(adapted)
+    loaded, _ = load_chat_model(ChatConfig(checkpoint=checkpoint, device="cpu", adapter=tmp_path / "adapter"))
+    assert isinstance(loaded, GPT)
+    assert torch.allclose(loaded.blocks[0].attn.q_proj.weight, expected.blocks[0].attn.q_proj.weight, atol=1e-6)
+    assert not torch.allclose(loaded.blocks[0].attn.q_proj.weight, model.blocks[0].attn.q_proj.weight)
 
 
 # ---------------------------------------------------------------------------

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not os.environ.get("GPTLAB_DATA_DIR"),
                                 reason="GPTLAB_DATA_DIR is not set; it points to the data kit")
 
-# float32, no dropout and a constant learning rate, so a run's losses do not depend on how
-# many steps it was told to take, and a resumed run can be compared with an unbroken one.
+# float32, no dropout and a constant learning rate: a run's losses then do not depend on its
+# max_steps, so a resumed run can be compared with an unbroken one.
 SETTINGS = ["--preset", "tiny", "--data.vocab_size", "512", "--model.block_size", "64", "--model.n_embd", "32",
             "--train.batch_size", "2", "--train.grad_accum", "2", "--train.dtype", "float32",
             "--train.schedule", "constant", "--train.warmup_steps", "0", "--train.eval_interval", "0",
