@@ -52,8 +52,15 @@ STAGES: dict[str, Stage] = {
     "inspect-data": Stage("finetune.inspect_data:InspectConfig", "finetune.inspect_data:run", "show rendered chat examples, trained tokens and counts before fine-tuning"),
     "sft": Stage("finetune.sft:SFTConfig", "finetune.sft:train", "supervised instruction tuning on chat data, full or LoRA"),
     "merge": Stage("gptlab.merge:MergeConfig", "gptlab.merge:run", "fold a LoRA adapter into its base model's weights"),
+    "reward": Stage("rlhf.reward:RewardConfig", "rlhf.reward:train", "train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": Stage("rlhf.dpo:DPOConfig", "rlhf.dpo:train", "align a chat model on preference pairs with DPO, IPO or conservative DPO"),
+    "ppo": Stage("rlhf.ppo:PPOConfig", "rlhf.ppo:train", "align a chat model with PPO or GRPO against a reward model or a verifiable task"),
+    "eval": Stage("evals.harness:EvalConfig", "evals.harness:run", "evaluate a checkpoint on language-modelling, multiple-choice and generation tasks"),
     "sample": Stage("gptlab.sample:SampleConfig", "gptlab.sample:run", "generate text from a checkpoint"),
     "chat": Stage("serve.chat_app:ChatConfig", "serve.chat_app:run", "chat with a model in the browser (Gradio, on 127.0.0.1)"),
+    "serve": Stage("serve.api:ServeConfig", "serve.api:run", "serve an OpenAI-compatible HTTP API (and optionally the chat app) on 127.0.0.1"),
+    "sweep": Stage("gptlab.sweep:SweepConfig", "gptlab.sweep:run", "run a grid of config overrides as separate runs and tabulate the results"),
+    "plot": Stage("gptlab.plot:PlotConfig", "gptlab.plot:run", "plot loss curves and metrics from a sweep's results table"),
     "export": Stage("gptlab.export:ExportConfig", "gptlab.export:run", "export a checkpoint to a Hugging Face transformers folder"),
 }
 
