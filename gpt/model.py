@@ -291,15 +291,16 @@ class GPT(nn.Module):
                 module.reset_parameters()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of distinct parameters (a tied matrix counts once); optionally without the
-        token and position embeddings."""
+        """Count distinct parameters (a tied matrix counts once). With `exclude_embeddings`,
+        leave out the token and position embeddings and the output layer, as scaling-law
+        papers count N (Kaplan et al. 2020)."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             total -= self.wte.weight.numel()
             if self.wpe is not None:
                 total -= self.wpe.weight.numel()
-            if self.config.tie_embeddings:
-                total += self.lm_head.weight.numel()  # the output matmul still uses it
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
         return total
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -308,8 +309,8 @@ class GPT(nn.Module):
         Chowdhery et al. 2022, appendix B). Causal masking is not discounted. Embedding lookups
         are free; the output layer counts."""
         T = seq_len or self.config.block_size
-        matmul_weights = self.num_parameters(exclude_embeddings=True)
-        matmul_weights -= sum(p.numel() for n, p in self.named_parameters() if p.dim() < 2)
+        matmul_weights = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
+        matmul_weights += self.lm_head.weight.numel()
         return 6 * matmul_weights + 12 * self.config.n_layer * self.config.n_embd * T
 
     def forward(
