@@ -91,7 +91,11 @@ def format_tokens(tokenizer: Tokenizer, ids: list[int], mask: list[int], color: 
         # to complete characters.
         text = tokenizer.decode(tokens)
         if color:
-            style = (GREEN if trained else "") + (DIM if special_position is not None else "")
+            style = ""
+            if trained:
+                style += GREEN
+            if special_position is not None:
+                style += DIM
             pieces.append(f"{style}{text}{RESET}" if style else text)
         else:
             if trained and not trained_open:
@@ -111,13 +115,13 @@ def format_tokens(tokenizer: Tokenizer, ids: list[int], mask: list[int], color: 
 
 
 def _print_example(tokenizer: Tokenizer, conversation: Conversation, fitted: tuple[list[int], list[int]] | None,
-                   length: int, index: int, number: int, cfg: InspectConfig, total: int, color: bool) -> None:
-    header = f"example {number}/{cfg.num_examples}: conversation {index:,} of {total:,} | {len(conversation)} turns"
+                   length: int, title: str, block_size: int, color: bool) -> None:
+    header = f"{title} | {len(conversation)} turns"
     if fitted is None:
         # Show the start of the whole conversation, unhighlighted: none of it is trained.
-        ids = render_chat(tokenizer, conversation)[0][:cfg.block_size]
+        ids = render_chat(tokenizer, conversation)[0][:block_size]
         mask = [0] * len(ids)
-        header += f" | dropped: {length:,} tokens, its first exchange does not fit block_size {cfg.block_size}"
+        header += f" | dropped: {length:,} tokens, its first exchange does not fit block_size {block_size}"
     else:
         ids, mask = fitted
         header += f" | {len(ids):,} tokens, {sum(mask):,} trained"
@@ -153,8 +157,9 @@ def run(cfg: InspectConfig) -> dict[str, float]:
     fitted_by_index = dict(zip(fit.kept, fit.examples))
     shown = sorted(random.Random(cfg.seed).sample(range(len(conversations)), min(cfg.num_examples, len(conversations))))
     for number, index in enumerate(shown, start=1):
-        _print_example(tokenizer, conversations[index], fitted_by_index.get(index), fit.lengths[index], index,
-                       number, cfg, len(conversations), color)
+        title = f"example {number}/{len(shown)}: conversation {index:,} of {len(conversations):,}"
+        _print_example(tokenizer, conversations[index], fitted_by_index.get(index), fit.lengths[index], title,
+                       cfg.block_size, color)
 
     n = len(conversations)
     counts = {

@@ -194,8 +194,8 @@ CATALOG: dict[str, CatalogEntry] = {
             license="MIT",
             description=(
                 "BYU PCC Chit-Chat (PyPI chitchat-dataset 0.9.0): 7,168 open-domain conversations between two "
-                "people. The one who writes first plays the user. The 3,150 conversations that only one person "
-                "wrote in have no reply and are skipped, so 4,018 remain. Local files only."
+                "people. The one who writes first plays the user. The 3,151 conversations in which only one "
+                "person wrote have no reply and are skipped, so 4,017 remain. Local files only."
             ),
         ),
         CatalogEntry(
@@ -278,8 +278,253 @@ CATALOG: dict[str, CatalogEntry] = {
                 "the config 'all' joins its subsets. Hub only."
             ),
         ),
+        # Preference pairs for the reward model and DPO, read by rlhf.preference_data.load_pairs.
+        # The Hub copies of hh-rlhf live in folders of Anthropic/hh-rlhf (data_dir), which
+        # rlhf.preference_data maps from these names.
+        CatalogEntry(
+            name="hh-rlhf-harmless",
+            hub_id="Anthropic/hh-rlhf",
+            hub_split="test",
+            local=("preference/hh-rlhf/harmless-base/test.jsonl.gz",),
+            kind="preference",
+            license="MIT",
+            description=(
+                "Anthropic HH-RLHF, harmless-base test split: 2,312 pairs of whole dialogs (chosen, rejected) "
+                "that differ in the last assistant reply. Red-teaming prompts, offensive content by design. "
+                "The Hub copy is the same split of data_dir harmless-base."
+            ),
+        ),
+        CatalogEntry(
+            name="hh-rlhf-helpful-base",
+            hub_id="Anthropic/hh-rlhf",
+            kind="preference",
+            license="MIT",
+            description="Anthropic HH-RLHF, helpful-base train split. Hub only.",
+        ),
+        CatalogEntry(
+            name="hh-rlhf-helpful-online",
+            hub_id="Anthropic/hh-rlhf",
+            kind="preference",
+            license="MIT",
+            description="Anthropic HH-RLHF, helpful-online train split (pairs from the iterated online models). Hub only.",
+        ),
+        CatalogEntry(
+            name="hh-rlhf-helpful-rejection-sampled",
+            hub_id="Anthropic/hh-rlhf",
+            kind="preference",
+            license="MIT",
+            description="Anthropic HH-RLHF, helpful-rejection-sampled train split. Hub only.",
+        ),
+        CatalogEntry(
+            name="alpaca-eval-judgments",
+            hub_id="",
+            local=("preference/alpaca_eval_gpt4_judgments/*.annotations.json.gz",),
+            kind="preference",
+            license="CC-BY-NC-4.0",
+            description=(
+                "AlpacaEval GPT-4 pairwise judgments (tatsu-lab/alpaca_eval on GitHub): 7,245 judgments of 9 "
+                "models against text_davinci_003 on the 805 AlpacaEval instructions; ties and missing "
+                "judgments are dropped. Non-commercial, research use only. The prompts are those of "
+                "eval/alpaca_eval, so a model trained on these pairs must not be scored on AlpacaEval. "
+                "Local files only."
+            ),
+        ),
+        CatalogEntry(
+            name="ultrafeedback",
+            hub_id="HuggingFaceH4/ultrafeedback_binarized",
+            hub_split="train_prefs",
+            kind="preference",
+            license="MIT",
+            description=(
+                "UltraFeedback binarized (made for Zephyr): per prompt, the best-rated of four model replies as "
+                "chosen and a random other one as rejected, both as message lists. Hub only."
+            ),
+        ),
+        CatalogEntry(
+            name="shp",
+            hub_id="stanfordnlp/SHP",
+            kind="preference",
+            license="MIT (dataset card); the comments are Reddit content",
+            description=(
+                "Stanford Human Preferences: 385k pairs of top-level Reddit comments on the same post, the "
+                "one Reddit users preferred marked by labels (fields history, human_ref_A, human_ref_B, "
+                "labels). Hub only."
+            ),
+        ),
     )
 }
+
+# Evaluation sets for `gptlab eval`. Except tinystories-valid, evals/tasks.py reads them record
+# by record (ARC questions, MMLU rows, ...), not through load_documents.
+CATALOG.update({
+    entry.name: entry
+    for entry in (
+        CatalogEntry(
+            name="tinystories-valid",
+            hub_id="roneneldan/TinyStories",
+            hub_split="validation",
+            local=("pretrain/tinystories/tinystories_val_prefix.txt.gz",),
+            kind="eval",
+            license="CDLA-Sharing-1.0",
+            description=(
+                "The validation prefix of TinyStories alone (794 KB), the default text of the eval stage's "
+                "language-modelling task. The catalog entry tinystories includes this file, so a model pretrained "
+                "on it has seen most of these stories: its held-out split is in the run's token shard folder."
+            ),
+            document_start=CATALOG["tinystories"].document_start,
+        ),
+        CatalogEntry(
+            name="arc-easy",
+            hub_id="allenai/ai2_arc",
+            hub_config="ARC-Easy",
+            hub_split="test",
+            local=("eval/arc/arc_easy.official.test.jsonl.gz",),
+            kind="eval",
+            license="CC-BY-SA-4.0",
+            description="ARC-Easy test split: 2,376 grade-school science questions with 3 to 5 answer choices.",
+        ),
+        CatalogEntry(
+            name="arc-easy-dev",
+            hub_id="allenai/ai2_arc",
+            hub_config="ARC-Easy",
+            hub_split="validation",
+            local=("eval/arc/arc_easy.official.dev.jsonl.gz",),
+            kind="eval",
+            license="CC-BY-SA-4.0",
+            description="ARC-Easy development split (570 questions), the source of ARC-Easy few-shot examples.",
+        ),
+        CatalogEntry(
+            name="arc-challenge",
+            hub_id="allenai/ai2_arc",
+            hub_config="ARC-Challenge",
+            hub_split="test",
+            local=("eval/arc/arc_challenge.official.test.jsonl.gz",),
+            kind="eval",
+            license="CC-BY-SA-4.0",
+            description=(
+                "ARC-Challenge test split: questions that retrieval and co-occurrence baselines answer wrongly. "
+                "The local copy has 1,170 of the official 1,172 questions."
+            ),
+        ),
+        CatalogEntry(
+            name="arc-challenge-dev",
+            hub_id="allenai/ai2_arc",
+            hub_config="ARC-Challenge",
+            hub_split="validation",
+            local=("eval/arc/arc_challenge.official.dev.jsonl.gz",),
+            kind="eval",
+            license="CC-BY-SA-4.0",
+            description="ARC-Challenge development split (299 questions), the source of its few-shot examples.",
+        ),
+        CatalogEntry(
+            name="mmlu",
+            hub_id="cais/mmlu",
+            hub_config="all",
+            hub_split="test",
+            local=("eval/mmlu/test/*_test.csv.gz",),
+            kind="eval",
+            license="MIT",
+            description=(
+                "MMLU test split: 14,042 four-choice questions in 57 subjects. The local files are one CSV per "
+                "subject with the header question,choice0..choice3,answer (an index 0-3); the subject is the "
+                "file name. The Hub copy has question, subject, choices and answer fields."
+            ),
+        ),
+        CatalogEntry(
+            name="mmlu-dev",
+            hub_id="cais/mmlu",
+            hub_config="all",
+            hub_split="dev",
+            local=("eval/mmlu/dev/*_dev.csv.gz",),
+            kind="eval",
+            license="MIT",
+            description="MMLU dev split: 5 questions per subject, the source of the standard 5-shot prompts.",
+        ),
+        CatalogEntry(
+            name="lambada",
+            hub_id="EleutherAI/lambada_openai",
+            hub_config="default",
+            hub_split="test",
+            local=("eval/lambada/lambada_test.jsonl.gz",),
+            kind="eval",
+            license="CC-BY-4.0",
+            description=(
+                "LAMBADA test split (5,153 passages) in OpenAI's detokenized version, one {\"text\"} record each: "
+                "predict the last word of the passage."
+            ),
+        ),
+        CatalogEntry(
+            name="blimp",
+            hub_id="",
+            local=("eval/blimp/*.jsonl.gz",),
+            kind="eval",
+            license="CC-BY-4.0",
+            description=(
+                "BLiMP: 67 paradigms of 1,000 minimal pairs (sentence_good, sentence_bad). Local files only: the "
+                "Hub copy nyu-mll/blimp has one configuration per paradigm."
+            ),
+        ),
+        CatalogEntry(
+            name="gsm8k",
+            hub_id="openai/gsm8k",
+            hub_config="main",
+            hub_split="test",
+            local=("eval/gsm8k/test.jsonl.gz",),
+            kind="eval",
+            license="MIT",
+            description="GSM8K test split: 1,319 grade-school math word problems; the answer follows '####'.",
+        ),
+        CatalogEntry(
+            name="hellaswag",
+            hub_id="Rowan/hellaswag",
+            hub_split="validation",
+            kind="eval",
+            license="MIT",
+            description=(
+                "HellaSwag validation split (10,042 contexts with 4 endings each). Hub only: the data kit has no "
+                "copy, so offline runs pass a local JSON Lines file with the Hub's fields instead."
+            ),
+        ),
+        CatalogEntry(
+            name="hellaswag-train",
+            hub_id="Rowan/hellaswag",
+            hub_split="train",
+            kind="eval",
+            license="MIT",
+            description="HellaSwag train split, the source of HellaSwag few-shot examples. Hub only.",
+        ),
+        CatalogEntry(
+            name="alpaca-eval",
+            hub_id="tatsu-lab/alpaca_eval",
+            hub_config="alpaca_eval",
+            hub_split="eval",
+            local=("eval/alpaca_eval/text_davinci_003.model_outputs.json.gz",),
+            kind="eval",
+            license="CC-BY-NC-4.0",
+            description=(
+                "AlpacaEval: 805 instructions, here with text-davinci-003's outputs (the v1 reference). The eval "
+                "stage uses the instructions as chat prompts. Non-commercial."
+            ),
+        ),
+        CatalogEntry(
+            name="mt-bench",
+            hub_id="HuggingFaceH4/mt_bench_prompts",
+            hub_split="train",
+            local=("eval/mt_bench/question.jsonl",),
+            kind="eval",
+            license="Apache-2.0",
+            description="MT-Bench: 80 two-turn questions in 8 categories (question_id, category, turns).",
+        ),
+        CatalogEntry(
+            name="vicuna-bench",
+            hub_id="",
+            local=("eval/vicuna_bench/question.jsonl",),
+            kind="eval",
+            license="Apache-2.0",
+            description="The 80 single-turn Vicuna benchmark questions from FastChat. Local files only.",
+        ),
+    )
+})
 
 
 def _data_dir() -> Path | None:

@@ -22,8 +22,14 @@ row's text depends on the seed, its index and the batch size, but not on when th
 rows finish. Greedy decoding (temperature 0) draws nothing. The same seed gives the same
 text on the same device and torch version; CPU and CUDA generators give different numbers.
 
+KV-cache precision: `kv_cache_dtype` stores the cached keys and values in another dtype
+than the one the model computes in (bfloat16 halves the cache of a float32 model); they
+are cast back for attention, so only their rounding changes the logits.
+
 Limits: a sequence (prompt plus generated tokens) never exceeds the model's block_size.
-A row that reaches it finishes with reason "length", because there is no sliding window.
+A row that reaches it finishes with reason "length". With model.sliding_window the
+attention is masked to the window, but the cache still keeps every position, so the
+limit stays.
 All rows of a batch share one sampling configuration.
 """
 
@@ -346,7 +352,8 @@ class _Batch:
     """The tensors of one batched generation: padded prompts, KV cache and token history."""
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 pad_id: int, device: torch.device, dtype: torch.dtype | None, vocab_limit: int) -> None:
+                 pad_id: int, device: torch.device, dtype: torch.dtype | None, vocab_limit: int,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         config = model.config
         self.model, self.params, self.device = model, params, device
         self.amp_dtype = dtype if dtype is not None else torch.float32
@@ -365,6 +372,8 @@ class _Batch:
             self.idx, self.attention_mask = idx.to(device), attention_mask.to(device)
             # The last sampled token is never fed back, hence the -1.
             cache_dtype = self.amp_dtype if self.amp_dtype != torch.float32 else next(model.parameters()).dtype
+            if kv_cache_dtype is not None:
+                cache_dtype = kv_cache_dtype
             self.cache = KVCache(config, B, P + max(self.budgets) - 1, device=device, dtype=cache_dtype)
             # Prompt and generated ids for the repetition penalty; -1 marks padding and unused columns.
             self.history = None
@@ -418,7 +427,8 @@ class _Batch:
 def generate_steps(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                    tokenizer: Tokenizer | None = None, pad_id: int | None = None,
                    device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> Iterator[list[StepOutput]]:
+                   dtype: torch.dtype | None = None,
+                   kv_cache_dtype: torch.dtype | None = None) -> Iterator[list[StepOutput]]:
     """Generate for a batch of prompts, step by step: each step gives the new token of every active row.
 
     This is the loop under `generate` and `stream`; use it directly to stream several
@@ -436,6 +446,8 @@ def generate_steps(model: GPT, prompts: Sequence[Sequence[int]], params: Samplin
         device: the device the model is on; found from its parameters by default.
         dtype: autocast dtype such as torch.bfloat16; None or torch.float32 computes in
             the model's own dtype.
+        kv_cache_dtype: dtype of the cached keys and values, such as torch.bfloat16; None
+            keeps them in the compute dtype.
 
     Returns:
         An iterator that yields, at each step, a list of StepOutput: one per row still
@@ -474,7 +486,7 @@ def generate_steps(model: GPT, prompts: Sequence[Sequence[int]], params: Samplin
             generator.seed()
 
     return _run_in_eval_mode(model, _decode_loop(model, prompts, params, tokenizer, stop_ids, pad_id, device,
-                                                 dtype, vocab_limit, generator))
+                                                 dtype, vocab_limit, generator, kv_cache_dtype))
 
 
 def _run_in_eval_mode(model: GPT, steps: Iterator[list[StepOutput]]) -> Iterator[list[StepOutput]]:
@@ -487,8 +499,8 @@ def _run_in_eval_mode(model: GPT, steps: Iterator[list[StepOutput]]) -> Iterator
 
 
 def _decode_loop(model, prompts, params, tokenizer, stop_ids, pad_id, device, dtype, vocab_limit,
-                 generator) -> Iterator[list[StepOutput]]:
-    batch = _Batch(model, prompts, params, pad_id, device, dtype, vocab_limit)
+                 generator, kv_cache_dtype) -> Iterator[list[StepOutput]]:
+    batch = _Batch(model, prompts, params, pad_id, device, dtype, vocab_limit, kv_cache_dtype)
     B = len(prompts)
     texts = [_RowText(tokenizer.stream_decoder(), params.stop) if tokenizer is not None else None
              for _ in range(B)]
@@ -540,7 +552,8 @@ def _advance_row(text: _RowText | None, token: int, stop_ids: set[int]) -> tuple
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              tokenizer: Tokenizer | None = None, pad_id: int | None = None,
-             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[Completion]:
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+             kv_cache_dtype: torch.dtype | None = None) -> list[Completion]:
     """Generate a completion for each prompt, batched with a KV cache.
 
     Greedy decoding (temperature 0) of a batch gives each row the tokens it would get
@@ -553,7 +566,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
     """
     completions = [Completion() for _ in prompts]
     for outputs in generate_steps(model, prompts, params, tokenizer=tokenizer, pad_id=pad_id,
-                                  device=device, dtype=dtype):
+                                  device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype):
         for out in outputs:
             completion = completions[out.row]
             completion.tokens.append(out.token)
@@ -597,7 +610,8 @@ class TextStream:
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams, *,
-           device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextStream:
+           device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           kv_cache_dtype: torch.dtype | None = None) -> TextStream:
     """Generate from one prompt and yield the text as it is produced.
 
     Each piece is whole characters, because bytes of a character split across tokens
@@ -609,5 +623,6 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: 
     Returns:
         A TextStream of non-empty str pieces; see `generate_steps` for the arguments and errors.
     """
-    steps = generate_steps(model, [list(prompt_ids)], params, tokenizer=tokenizer, device=device, dtype=dtype)
+    steps = generate_steps(model, [list(prompt_ids)], params, tokenizer=tokenizer, device=device, dtype=dtype,
+                           kv_cache_dtype=kv_cache_dtype)
     return TextStream(steps)

@@ -42,9 +42,10 @@ folder of the base, not a transformers folder, so `AutoPeftModelForCausalLM`
 cannot load the adapter alone: export the base and use `PeftModel.from_pretrained`
 as above.
 
-Limits: only plain LoRA (bias "none", no DoRA, no modules_to_save). During
-training, transformers applies one dropout mask to the input of c_attn, where
-our q, k and v adapters each draw their own; evaluation is unaffected.
+Limits: only plain LoRA (bias "none", no DoRA, no modules_to_save). With
+lora_dropout, transformers draws one dropout mask for the input of c_attn, and
+our q, k and v adapters draw one each. So training differs slightly between the
+two, and evaluation does not.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def merge_adapter(model: PeftModel) -> GPT:
 
 
 def lora_weights(model: PeftModel) -> dict[str, LoraWeights]:
-    """The adapter of every LoRA layer of `model`, keyed by our module name (blocks.0.attn.q_proj)."""
+    """Collect the adapter of every LoRA layer of `model`, keyed by our module name (blocks.0.attn.q_proj)."""
     adapter = model.active_adapter
     found = {}
     for name, module in model.get_base_model().named_modules():
@@ -227,7 +228,7 @@ def _scaling(alpha: float, rank: int, rslora: bool) -> float:
 
 
 def _join_qkv(qkv: dict[str, LoraWeights], n_embd: int, rslora: bool) -> LoraWeights:
-    """One adapter on c_attn (out = 3 * n_embd rows, q then k then v) equal to the adapters in `qkv`."""
+    """Join the adapters in `qkv` into one equal adapter on c_attn (3 * n_embd output rows: q, then k, then v)."""
     first = next(iter(qkv.values()))
     rank = sum(lora.rank for lora in qkv.values())
     # The joint adapter keeps the first part's scaling s. A part with another scaling
@@ -286,13 +287,14 @@ def _our_adapters(adapters: dict[str, LoraWeights], parts: dict[str, dict[str, i
 
 def _split_qkv(lora: LoraWeights, parts: dict[str, int] | None, config: ModelConfig, rslora: bool,
                source: str, name: str) -> dict[str, LoraWeights]:
-    """Adapters of q_proj, k_proj and v_proj that together compute the c_attn adapter `lora`."""
+    """Split the c_attn adapter `lora` into adapters of q_proj, k_proj and v_proj that compute the same update."""
     C = config.n_embd
     if lora.B.size(0) != 3 * C:
         raise ValueError(f"adapter {source}: {name}.lora_B.weight has {lora.B.size(0)} rows, but c_attn of this "
                          f"model has 3 * n_embd = {3 * C} outputs; the adapter belongs to another model size")
     rows = {p: lora.B[i * C:(i + 1) * C] for i, p in enumerate(_QKV)}  # (C, rank) each
-    if parts and sum(parts.values()) == lora.rank:
+    valid = isinstance(parts, dict) and set(parts) <= set(_QKV) and all(isinstance(r, int) for r in parts.values())
+    if valid and parts and sum(parts.values()) == lora.rank:
         split, column = {}, 0
         block_diagonal = True
         for p in _QKV:
@@ -307,8 +309,8 @@ def _split_qkv(lora: LoraWeights, parts: dict[str, int] | None, config: ModelCon
             column += rank
         if block_diagonal:
             return split
-        logger.info("adapter %s: %s is not block diagonal any more (trained outside gptlab?); loading it as a shared "
-                    "A on q, k and v", source, name)
+        logger.info("adapter %s: %s is not block diagonal any more (its zero blocks were trained, for example in "
+                    "transformers), so it loads as one shared A on q, k and v", source, name)
     return {p: LoraWeights(lora.A, rows[p], lora.alpha) for p in _QKV}
 
 
@@ -317,12 +319,12 @@ def _split_qkv(lora: LoraWeights, parts: dict[str, int] | None, config: ModelCon
 
 
 def _pattern_key(name: str) -> str:
-    """The name without its layer prefix: model.layers.3.self_attn.q_proj -> self_attn.q_proj."""
+    """Strip the layer prefix from a module name: model.layers.3.self_attn.q_proj -> self_attn.q_proj."""
     return re.sub(r"^.*?\.\d+\.", "", name)
 
 
 def _lora_config(adapters: dict[str, LoraWeights], n_layer: int, **settings) -> LoraConfig:
-    """A LoraConfig for exactly these adapters: target_modules, r and lora_alpha with per-module patterns.
+    """Build a LoraConfig for exactly these adapters: target_modules, r and lora_alpha with per-module patterns.
 
     Modules that every layer has under one short name ("self_attn.q_proj") are named that
     way, others by their full name.
@@ -368,7 +370,7 @@ def save_adapter(model: PeftModel, out_dir: str | os.PathLike, base_checkpoint: 
     try:
         layout = export_layout(gpt.config)
     except NotImplementedError:
-        layout = None  # no transformers counterpart: our own module names
+        layout = None  # no transformers counterpart, so the adapter keeps our module names
     adapters, parts = _transformers_adapters(lora_weights(model), gpt.config, layout, settings.use_rslora)
     config = _lora_config(adapters, gpt.config.n_layer, lora_dropout=settings.lora_dropout,
                           use_rslora=settings.use_rslora, fan_in_fan_out=layout == "gpt2",
@@ -410,7 +412,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
     folder = Path(adapter_dir)
     source = str(folder)
     if not folder.is_dir():
-        raise ValueError(f"adapter folder {source!r} does not exist; pass the folder that holds "
+        raise ValueError(f"adapter folder {source!r} not found; pass the folder that contains "
                          f"{ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}, for example runs/NAME/sft/adapter")
     missing = [f for f in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE) if not (folder / f).is_file()]
     if missing:
@@ -472,8 +474,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         adapters[name] = LoraWeights(A, B, float(alpha))
     try:
         parts = json.loads(metadata.get(_QKV_METADATA_KEY, "{}"))
+        parts = parts if isinstance(parts, dict) else {}
     except json.JSONDecodeError:
-        parts = {}  # a damaged record only costs the exact split of c_attn
+        parts = {}  # without the record, c_attn still loads exactly, as a shared A (see _split_qkv)
     return config, adapters, parts
 
 

@@ -47,6 +47,8 @@ class ModelConfig:
     norm_eps: float = option(1e-5, "epsilon added inside the normalization layers")
     rope_theta: float = option(10000.0, "base of the rotary frequencies (rope only)")
     init_std: float = option(0.02, "standard deviation of the normal initialization of weights")
+    qk_norm: bool = option(False, "RMSNorm over each head's queries and keys, before RoPE and the dot product (QK-norm per head, as Qwen3 and Gemma 3)")
+    sliding_window: int | None = option(None, "attend to at most this many most recent positions, the token itself included (sliding-window attention, as Mistral); None for the whole context")
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -100,6 +102,9 @@ class ModelConfig:
             found.append(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             found.append(f"model.mlp_hidden must be positive or None, got {self.mlp_hidden}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            found.append(f"model.sliding_window must be a positive number of positions or None (no window), "
+                         f"got {self.sliding_window}")
         return found
 
 
@@ -134,11 +139,13 @@ class KVCache:
         self.max_length = max_length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new (B, K, T, D) keys and values of `layer`; return all keys and values so far."""
+        """Store the new (B, K, T, D) keys and values of `layer`; return all keys and values so far,
+        in the dtype of `k` (a cache kept in a lower precision is cast back for attention)."""
         end = self.length + k.size(2)
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the rows in `index` (for example the unfinished sequences of a batch)."""
@@ -189,6 +196,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, kv_width, bias=config.bias)
         self.v_proj = nn.Linear(config.n_embd, kv_width, bias=config.bias)
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -197,6 +206,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            # One gain vector of size D, shared by all heads; each head's vector is normalized alone.
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -307,8 +319,12 @@ class GPT(nn.Module):
         """Training FLOPs (forward and backward) per token: 6 per weight used in a matmul, plus
         attention scores and values, 12 * n_layer * n_embd * seq_len (the PaLM paper's estimate,
         Chowdhery et al. 2022, appendix B). Causal masking is not discounted. Embedding lookups
-        are free; the output layer counts."""
+        are free; the output layer counts. With a sliding window a query attends to at most
+        sliding_window keys, so seq_len is capped there (the masked kernel still computes the
+        whole score matrix, so this counts useful FLOPs, not executed ones)."""
         T = seq_len or self.config.block_size
+        if self.config.sliding_window is not None:
+            T = min(T, self.config.sliding_window)
         matmul_weights = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
         matmul_weights += self.lm_head.weight.numel()
         return 6 * matmul_weights + 12 * self.config.n_layer * self.config.n_embd * T
@@ -331,7 +347,8 @@ class GPT(nn.Module):
             idx: (B, T) token ids.
             targets: (B, T) next-token ids; -100 marks positions without loss.
             attention_mask: (B, T) or (B, S) with 1 for real tokens and 0 for padding, or
-                a boolean (B, 1, T, S) mask used as is (True = may attend), for packed rows.
+                a boolean (B, 1, T, S) mask used as is (True = may attend), for packed rows;
+                a sliding window, when configured, still applies on top of it.
             position_ids: (B, T) positions; by default counted over real tokens only, so a
                 left-padded row gets the positions it would have without padding.
             kv_cache: cache to read earlier keys from and append the new ones to.
@@ -350,7 +367,13 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache too small: it has room for {kv_cache.max_length} positions, {past + T} requested")
 
         key_mask, position_ids, custom_mask = self._masks_and_positions(idx, attention_mask, position_ids, kv_cache)
-        attn_mask = custom_mask if custom_mask is not None else self._attention_bias(key_mask, position_ids, kv_cache, T)
+        if custom_mask is not None:
+            attn_mask = custom_mask
+            window = self._window_mask(position_ids, kv_cache, custom_mask.size(-1))
+            if window is not None:
+                attn_mask = attn_mask & window
+        else:
+            attn_mask = self._attention_bias(key_mask, position_ids, kv_cache, T)
 
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -404,11 +427,14 @@ class GPT(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         S = past + T
         alibi = self.config.pos_encoding == "alibi"
-        if key_mask is None and not alibi and (past == 0 or T == 1):
+        window = self._window_mask(position_ids, kv_cache, S)
+        if key_mask is None and not alibi and window is None and (past == 0 or T == 1):
             return None  # causal over the new tokens, or one query that sees every key
         device = position_ids.device
         q_index = torch.arange(past, S, device=device)[:, None]
         allowed = (torch.arange(S, device=device)[None, :] <= q_index)[None, None]  # (1, 1, T, S)
+        if window is not None:
+            allowed = allowed & window
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :]
             # A padding query would see no key at all and SDPA would return NaN, so it sees itself.
@@ -419,3 +445,19 @@ class GPT(nn.Module):
         distance = (position_ids[:, :, None] - key_positions[:, None, :]).clamp(min=0)  # (B, T, S)
         bias = -self.alibi.to(device)[None, :, None, None] * distance[:, None].float()  # (B, H, T, S)
         return bias.masked_fill(~allowed, float("-inf"))
+
+    def _window_mask(self, position_ids, kv_cache, S):
+        """The sliding window as a boolean (B, 1, T, S) mask that is True where the key is fewer than
+        sliding_window positions before the query, or None when no query can see that far back.
+
+        Distances are taken between positions, not cache columns, so left padding does not
+        shorten a row's window. Keys after the query are left to the causal mask.
+        """
+        window = self.config.sliding_window
+        # Positions grow by at most one per column (the default positions do; positions a caller
+        # passes are assumed to), so with S <= window every key is inside the window.
+        if window is None or S <= window:
+            return None
+        key_positions = kv_cache.positions[:, :S] if kv_cache is not None else position_ids
+        distance = position_ids[:, :, None] - key_positions[:, None, :]  # (B, T, S)
+        return (distance < window)[:, None]

@@ -27,9 +27,9 @@ speaking (chitchat, taskmaster) merge consecutive messages of one speaker, and a
 transcript with no reply from the second speaker is skipped and counted. In every
 other format a record without an assistant turn is an error.
 
-JSON and JSON Lines files are read with the json module, not `datasets`: `datasets`
-reads an object keyed by id (the chitchat file) as one row with thousands of columns,
-and its Arrow schema fills absent fields with null and rejects a file whose records
+JSON and JSON Lines files are read with the json module, not `datasets`. `datasets`
+reads an object keyed by id (the chitchat file) as one row with thousands of columns.
+Its Arrow schema also fills absent fields with null and rejects a file whose records
 disagree in type, which hides which record is bad. Read directly, every error names the
 file, the record (and the line of a .jsonl file), the field and the fix. Parquet files
 and Hub datasets are read with `datasets`.
@@ -41,6 +41,7 @@ API-call annotations are not kept.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 import math
@@ -64,7 +65,7 @@ logger = logging.getLogger(__name__)
 Conversation = list[dict[str, str]]
 
 DEFAULT_NAMES = {"name": "gptlab", "author": "the gptlab developers"}
-# Catalog sets whose text holds {{name}} and {{author}} placeholders. Other catalog sets are
+# Catalog sets whose text contains {{name}} and {{author}} placeholders. Other catalog sets are
 # never filled, because code in them can contain the same braces (Jinja, Handlebars).
 PLACEHOLDER_SETS = frozenset({"identity"})
 
@@ -155,15 +156,19 @@ def _parquet_records(path: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}, record {index}", row
 
 
-def _hub_records(hub_id: str, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
+def _hub_records(hub_id: str, config: str | None, split: str, catalog_name: str | None = None) -> Iterator[tuple[str, Any]]:
     try:
         ds = datasets.load_dataset(hub_id, config, split=split)
     except (ConnectionError, DatasetNotFoundError, FileNotFoundError, HFValidationError) as e:
-        sft_names = ", ".join(name for name, entry in CATALOG.items() if entry.kind == "sft")
+        local_names = ", ".join(name for name, entry in CATALOG.items() if entry.kind == "sft" and entry.local)
+        if catalog_name is not None:
+            raise ValueError(f"catalog entry {catalog_name!r}: loading {hub_id!r} from the Hugging Face Hub failed: "
+                             f"{e}. Connect to the internet, or use a chat set with local files ({local_names}) "
+                             f"and set {DATA_DIR_ENV}.") from e
         raise ValueError(
-            f"{hub_id!r} is neither a chat catalog name ({sft_names}) nor a local file or folder, and "
-            f"loading it from the Hugging Face Hub failed: {e}. Check the name, pass a local path, or set "
-            f"{DATA_DIR_ENV} for catalog data."
+            f"{hub_id!r} is neither a chat catalog name nor a local file or folder, and loading it from the "
+            f"Hugging Face Hub failed: {e}. Check the name, pass a local path, or use a catalog name "
+            f"({', '.join(name for name, entry in CATALOG.items() if entry.kind == 'sft')})."
         ) from e
     label = f"{hub_id}" + (f" ({config})" if config else "") + f" split {split}"
     for index, row in enumerate(ds):
@@ -200,8 +205,8 @@ def _record_streams(source: str, split: str) -> list[tuple[str, Records]]:
                 )
             if not entry.hub_id:
                 raise ValueError(f"catalog entry {source!r} exists only as local files ({', '.join(entry.local)}). "
-                                 f"Set {DATA_DIR_ENV} to the data kit folder that holds them.")
-            return [(entry.hub_id, _hub_records(entry.hub_id, entry.hub_config, entry.hub_split))]
+                                 f"Set {DATA_DIR_ENV} to the data kit folder that contains them.")
+            return [(entry.hub_id, _hub_records(entry.hub_id, entry.hub_config, entry.hub_split, source))]
     else:
         files = _expand_local(source)
         if files is None:
@@ -219,14 +224,20 @@ def _fields_found(record: Mapping) -> str:
     return ", ".join(map(repr, record)) or "none"
 
 
-def _text(record: Mapping, name: str, where: str, fmt: str, *, optional: bool = False) -> str:
-    """Return the string field `name` of a record; "" for an absent optional field."""
+def _field(record: Mapping, name: str, where: str, fmt: str) -> Any:
+    """Return the field `name` of a record, which must be present and not null."""
     value = record.get(name)
     if value is None:
-        if optional:
-            return ""
         raise ValueError(f"{where}: missing field {name!r}, which {fmt} records need (fields found: "
                          f"{_fields_found(record)}). Add the field or remove the record.")
+    return value
+
+
+def _text(record: Mapping, name: str, where: str, fmt: str, *, optional: bool = False) -> str:
+    """Return the string field `name` of a record; "" for an absent optional field."""
+    if optional and record.get(name) is None:
+        return ""
+    value = _field(record, name, where, fmt)
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__} "
                          f"{value!r:.60}. Fix the record or remove it.")
@@ -267,7 +278,7 @@ def _from_instruction(record: Mapping, where: str) -> list[Conversation]:
 
 def _from_self_instruct(record: Mapping, where: str) -> list[Conversation]:
     instruction = _text(record, "instruction", where, "self-instruct")
-    instances = record["instances"]
+    instances = _field(record, "instances", where, "self-instruct")
     if not isinstance(instances, list) or not instances:
         raise ValueError(f"{where}: field 'instances' must be a non-empty list of {{input, output}}, got "
                          f"{instances!r:.60}. Fix the record or remove it.")
@@ -295,7 +306,7 @@ def _role_messages(record: Mapping, where: str, fmt: str, role_field: str, conte
                    roles: Mapping[str, str]) -> Conversation:
     """Convert a list of messages that each name their role (ShareGPT, OpenAI)."""
     key = "messages" if "messages" in record else "conversations"
-    turns = record[key]
+    turns = _field(record, key, where, fmt)
     if not isinstance(turns, list):
         raise ValueError(f"{where}: field {key!r} must be a list of messages, got {type(turns).__name__}.")
     if not turns:
@@ -331,7 +342,7 @@ def _append_merged(messages: Conversation, role: str, text: str) -> None:
 
 
 def _from_taskmaster(record: Mapping, where: str) -> list[Conversation]:
-    utterances = record["utterances"]
+    utterances = _field(record, "utterances", where, "taskmaster")
     if not isinstance(utterances, list):
         raise ValueError(f"{where}: field 'utterances' must be a list, got {type(utterances).__name__}.")
     messages: Conversation = []
@@ -352,8 +363,10 @@ def _from_taskmaster(record: Mapping, where: str) -> list[Conversation]:
 
 
 def _from_chitchat(record: Mapping, where: str) -> list[Conversation]:
-    turns = record["messages"]
-    roles: dict[str, str] = {}  # sender id -> role: the first sender plays the user
+    turns = _field(record, "messages", where, "chitchat")
+    if not isinstance(turns, list):
+        raise ValueError(f"{where}: field 'messages' must be a list of turns, got {type(turns).__name__}.")
+    roles: dict[str, str] = {}  # sender id -> role: the first to write text plays the user
     messages: Conversation = []
     for index, turn in enumerate(turns):
         if not isinstance(turn, list):
@@ -366,14 +379,15 @@ def _from_chitchat(record: Mapping, where: str) -> list[Conversation]:
                 if not isinstance(message, dict):
                     raise ValueError(f"{at}: expected an object with 'sender' and 'text', got {message!r:.60}.")
                 _text(message, "text", at, "chitchat")  # raises the error for a missing or non-string text
+            if not text.strip():
+                continue
             sender = str(message.get("sender"))
             if sender not in roles:
                 if len(roles) == 2:
-                    raise ValueError(f"{where}, messages[{index}][{position}]: a third sender {sender!r}; chitchat conversations have two. "
-                                     "Remove the conversation.")
+                    raise ValueError(f"{where}, messages[{index}][{position}]: a third sender {sender!r}; chitchat "
+                                     "conversations have two. Remove the conversation.")
                 roles[sender] = ("user", "assistant")[len(roles)]
-            if text.strip():
-                _append_merged(messages, roles[sender], text)
+            _append_merged(messages, roles[sender], text)
     if not any(m["role"] == "assistant" for m in messages):
         return []  # only one person wrote: no reply to train on
     return [_finish(messages, where)]
@@ -410,9 +424,13 @@ def _from_oasst(records: list[tuple[str, Mapping]]) -> tuple[list[Conversation],
     conversations, skipped = [], 0
     for where, node in roots:
         messages = [{"role": OASST_ROLES[node["role"]], "content": node["text"]}]
+        seen = {node["message_id"]}
         while children.get(node["message_id"]):
             replies = children[node["message_id"]]
             _, node = min(replies, key=lambda pair: (pair[1].get("rank") is None, pair[1].get("rank") or 0))
+            if node["message_id"] in seen:  # a repeated message_id links back to an earlier message
+                break
+            seen.add(node["message_id"])
             messages.append({"role": OASST_ROLES[node["role"]], "content": node["text"]})
         if not any(m["role"] == "assistant" for m in messages):
             skipped += 1
@@ -486,7 +504,7 @@ def _convert_stream(label: str, records: Records, limit: int) -> tuple[list[Conv
 
     convert = CONVERTERS[fmt]
     conversations, skipped = [], 0
-    for where, record in _chain(first, iterator):
+    for where, record in itertools.chain([first], iterator):
         if not isinstance(record, Mapping):
             raise ValueError(f"{where}: expected a JSON object like the file's first record ({fmt} format), "
                              f"got {type(record).__name__} {record!r:.60}.")
@@ -496,11 +514,6 @@ def _convert_stream(label: str, records: Records, limit: int) -> tuple[list[Conv
         if limit and len(conversations) >= limit:
             return conversations[:limit], skipped
     return conversations, skipped
-
-
-def _chain(first: tuple[str, Any], rest: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    yield first
-    yield from rest
 
 
 def fill_placeholders(conversation: Conversation, names: Mapping[str, str]) -> Conversation:
@@ -531,9 +544,9 @@ def load_conversations(source: str, *, split: str = "train", max_examples: int =
 
     Raises:
         ValueError: a missing path or catalog file, a file type that is not chat data,
-            invalid JSON or UTF-8, a record in no known format, or a bad record (a missing
-            field, an unknown role, an empty conversation, no assistant turn). Messages
-            name the file, the record (and line) and the field.
+            invalid JSON or UTF-8, or a record in no known format. Also a bad record: a
+            missing field, an unknown role, an empty conversation or no assistant turn.
+            Messages name the file, the record (and line) and the field.
     """
     if max_examples < 0:
         raise ValueError(f"max_examples={max_examples}; expected 0 (all) or a positive number of conversations.")
@@ -555,7 +568,7 @@ def load_conversations(source: str, *, split: str = "train", max_examples: int =
     if skipped:
         logger.info("%s: skipped %d dialogs that have no assistant reply", source, skipped)
     if not conversations:
-        raise ValueError(f"{source}: no conversation with an assistant reply found. Check that the data holds "
+        raise ValueError(f"{source}: no conversation with an assistant reply found. Check that the data contains "
                          "replies as well as prompts.")
     if fill is not None:
         conversations = [fill_placeholders(c, fill) for c in conversations]
@@ -610,6 +623,8 @@ def apply_weight(conversations: Sequence[Conversation], weight: float, rng: rand
     Copies are the same objects, so `split_heldout` can keep them on one side.
     """
     n = len(conversations)
+    if n == 0:
+        return []
     n_take = max(1, round(weight * n))
     copies, rest = divmod(n_take, n)
     picked = sorted(rng.sample(range(n), rest))
@@ -637,7 +652,7 @@ def load_mix(spec: str, *, seed: int = 0, split: str = "train", names: dict[str,
     conversations: list[Conversation] = []
     for source, weight in parse_mix(spec):
         loaded = load_conversations(source, split=split, max_examples=max_examples, names=names)
-        # Seeding with a string is deterministic across runs (random hashes it with SHA-512).
+        # A str seed gives the same draws in every run, unlike hash(str), which Python salts per process.
         taken = apply_weight(loaded, weight, random.Random(f"{seed}:{source}"))
         if weight != 1:
             logger.info("%s: weight %g takes %d of %d conversations", source, weight, len(taken), len(loaded))

@@ -58,6 +58,7 @@ class TrainConfig:
     weight_decay: float = option(0.1, "AdamW weight decay, applied to matrices only (not to biases and norm weights)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
+    optimizer: Literal["adamw", "lion", "muon"] = option("adamw", "adamw; lion (Chen et al. 2023: uses beta1 and beta2, and wants lr about 3-10x lower and weight_decay 3-10x higher than adamw); or muon (Jordan et al. 2024: orthogonalized momentum for the weight matrices inside the blocks, adamw for the rest, both at lr)")
     grad_clip: float = option(1.0, "maximum global gradient norm, 0 to disable clipping")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "compute precision: auto picks bfloat16 where the device has native support; weights stay float32")
@@ -94,13 +95,26 @@ class TrainConfig:
         return found
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; biases and norm gains are not decayed
-    (Loshchilov and Hutter 2019 define decay per weight; decaying gains only shrinks them)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Build the optimizer that `cfg.optimizer` names, with weight decay on matrices only; biases
+    and norm gains are not decayed (Loshchilov and Hutter 2019 define decay per weight; decaying gains
+    only shrinks them). Lion and Muon live in gpt/optim.py.
+
+    Raises:
+        NotImplementedError: muon with parameters sharded by FSDP2.
+    """
+    if cfg.optimizer == "muon":
+        from gpt.optim import build_muon
+
+        return build_muon(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "lion":
+        from gpt.optim import Lion
+
+        return Lion(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 

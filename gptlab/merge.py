@@ -72,7 +72,7 @@ def run(cfg: MergeConfig) -> Path:
 
 
 def _recorded_base(adapter_dir: Path) -> str | None:
-    """The base_model_name_or_path of the adapter's config, or None when it cannot be read
+    """Read base_model_name_or_path from the adapter's config; None when it cannot be read
     (load_adapter then reports the problem)."""
     try:
         return json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8")).get("base_model_name_or_path")

@@ -13,7 +13,7 @@ session. The model is shared read-only: every generation allocates its own KV ca
 so several can run at once (`concurrency_limit`) and further requests wait in
 Gradio's queue.
 
-The server listens on 127.0.0.1 unless `host` says otherwise. It never creates a
+The server listens on 127.0.0.1 unless `host` sets another address. It never creates a
 public share link and has no login, so anyone who can reach host:port can use it.
 
 Limits: there is no sliding window. A message is rejected, with a request to press
@@ -40,7 +40,6 @@ from gpt.checkpoint import TOKENIZER_FILE, check_checkpoint_dir, load_model
 from gpt.config import option
 from gpt.device import resolve_device, resolve_dtype
 from gpt.generate import SamplingParams, stream
-from gpt.lora import load_adapter, merge_adapter
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
@@ -97,7 +96,7 @@ class ConversationTooLong(ValueError):
 def to_chatbot(history: list[Message]) -> list[dict]:
     """Convert the history into gr.Chatbot messages.
 
-    Text goes in as {"type": "text"} parts because Gradio (6.x) passes plain string
+    Text goes in as {"type": "text"} parts because Gradio (6.31) passes plain string
     content through inspect.cleandoc, which strips leading spaces and indentation.
     """
     messages = []
@@ -112,8 +111,8 @@ def to_chatbot(history: list[Message]) -> list[dict]:
 class ChatResponder:
     """Generate replies for the chat page: the functions its events call.
 
-    It holds no conversation: every call receives the history of one browser session,
-    so one responder serves every tab.
+    It stores no conversation: every call receives the history of one browser
+    session, so one responder serves every tab.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, min_reply_tokens: int = 16,
@@ -200,7 +199,7 @@ class ChatResponder:
         try:
             self.prompt_ids(updated, system_prompt)
         except ConversationTooLong as error:
-            raise gr.Error(str(error), title="Conversation too long", duration=None, print_exception=False) from None
+            raise gr.Error(str(error), duration=None, print_exception=False) from None
         return "", updated, to_chatbot(updated)
 
     def respond(self, history: list[Message], system_prompt: str, temperature: float, top_p: float, top_k: float,
@@ -224,10 +223,10 @@ class ChatResponder:
                 updated = history + [{"role": "assistant", "content": reply}]
                 yield updated, to_chatbot(updated)
         except ConversationTooLong as error:
-            raise gr.Error(str(error), title="Conversation too long", duration=None, print_exception=False) from None
+            raise gr.Error(str(error), duration=None, print_exception=False) from None
         except ValueError as error:
             raise gr.Error(f"Cannot generate a reply: {error}", print_exception=False) from None
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError in torch >= 2.5
             logger.warning("out of memory while generating a reply to a %d-turn conversation", len(history))
             raise gr.Error("The device ran out of memory while generating. Lower Max new tokens, or press Clear "
                            "to start a shorter conversation.", print_exception=False) from None
@@ -239,7 +238,7 @@ class ChatResponder:
             yield updated, to_chatbot(updated)
 
     def drop_last_reply(self, history: list[Message]):
-        """Remove the last assistant turn, so that `respond` answers the same user message again.
+        """Remove the last assistant turn, so that `respond` replies to the same user message again.
 
         Returns:
             (history, chatbot messages).
@@ -314,15 +313,16 @@ def build_app(model: GPT, tokenizer: Tokenizer, cfg: ChatConfig) -> gr.Blocks:
         regenerated = regenerate.click(responder.drop_last_reply, [history], [history, chatbot],
                                        show_progress="hidden").success(**generation)
         stop.click(None, cancels=[submitted, regenerated])
-        clear.click(responder.clear, None, [history, chatbot], cancels=[submitted, regenerated])
+        # Cancel first, then empty the page, so that no update of the cancelled reply lands after the clearing.
+        clear.click(None, cancels=[submitted, regenerated]).then(responder.clear, None, [history, chatbot])
     return app
 
 
 def start_server(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860) -> str:
     """Serve `app` from a background thread; return the page's URL.
 
-    Port 0 picks a free port. No public share link is ever created, whatever the
-    GRADIO_SHARE environment variable says.
+    Port 0 picks a free port. No public share link is ever created, even when the
+    GRADIO_SHARE environment variable is set.
     """
     if port == 0:
         # NOTE: another process can take this port before Gradio binds it; Gradio then fails to start.
@@ -351,6 +351,9 @@ def load_chat_model(cfg: ChatConfig) -> tuple[GPT, Tokenizer]:
                          f"is {model.config.vocab_size}; the tokenizer does not belong to this checkpoint: copy the "
                          f"tokenizer.json the model was trained with into {ckpt_dir}")
     if cfg.adapter is not None:
+        # Imported only here because gpt.lora imports peft, which adds seconds to every start.
+        from gpt.lora import load_adapter, merge_adapter
+
         # Merged into the weights, the adapter costs nothing per token and the model stays a plain GPT.
         model = merge_adapter(load_adapter(model, cfg.adapter))
     logger.info("loaded %s%s: %.2fM parameters, block_size %d, on %s", ckpt_dir,

@@ -1,7 +1,8 @@
-"""Tests for the chat template (gpt/chat.py): prompts are prefixes of rendered chats, the loss
-mask covers exactly the assistant's replies, typed special-token text stays text, transformers'
-apply_chat_template gives the same ids (directly and from an exported folder), and
-validate_messages rejects bad conversations.
+"""Tests for the chat template (gpt/chat.py).
+
+Prompts are prefixes of rendered chats, and the loss mask covers exactly the assistant's
+replies. Typed special-token text stays text. transformers' apply_chat_template gives the
+same ids, directly and from an exported folder. validate_messages rejects bad conversations.
 
 The tokenizer trains on TinyStories from GPTLAB_DATA_DIR; the tests skip when it is unset.
 """
@@ -190,7 +191,7 @@ def test_forged_turn_not_parsed(tokenizer):
 
 
 def test_apply_chat_template_type(hf_tokenizer):
-    # transformers 5 returns a BatchEncoding by default (return_dict=True); 4.x returned a list.
+    # transformers 5.25 returns a BatchEncoding by default (return_dict=True), not a list of ids.
     out = hf_tokenizer.apply_chat_template(CONVERSATIONS["one_turn"], tokenize=True)
     assert isinstance(out, BatchEncoding)
 

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright's headless=True adds --headless; these are the other flags.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 BLOCK_SIZE = 128
 # The page's initial settings: seeded sampling, so every reply is reproducible.
 SETTINGS = dict(temperature=0.7, top_p=0.95, top_k=50, repetition_penalty=1.1, max_new_tokens=24)
@@ -171,6 +172,24 @@ def test_empty_reply_shown_as_note(tokenizer):
     assert chatbot[-1]["content"][0]["text"] == chat_app.EMPTY_REPLY_TEXT
 
 
+def test_stop_ends_generation(responder, monkeypatch):
+    streams = []
+    real_stream = chat_app.stream
+
+    def recording_stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(chat_app, "stream", recording_stream)
+    run = responder.respond(HISTORY, "", *SETTINGS.values())
+    next(run)
+    run.close()  # what Gradio's Stop does to a running generator
+    (text_stream,) = streams
+    assert text_stream.finish_reason is None
+    assert len(text_stream.tokens) < SETTINGS["max_new_tokens"]
+    assert list(text_stream) == []
+
+
 def test_chatbot_keeps_leading_spaces():
     # Gradio strips plain string content with inspect.cleandoc; text parts pass unchanged.
     value = gr.Chatbot().postprocess(to_chatbot(HISTORY))
@@ -189,7 +208,10 @@ def test_add_user_turn(responder):
 
 
 def test_blank_message_is_not_sent(responder):
-    textbox, history, _ = responder.add_user_turn("   ", HISTORY[:2], "")
+    # Outside a running page, gr.Warning becomes a Python warning.
+    with pytest.warns(UserWarning, match="Type a message first"):
+        textbox, history, _ = responder.add_user_turn("   ", HISTORY[:2], "")
+    assert textbox == "   "
     assert history == HISTORY[:2]
     assert respond_all(responder, history) == []
 
@@ -385,18 +407,17 @@ def test_chat_in_browser(checkpoint, tmp_path):
     process, url, lines = start_chat_server(checkpoint)
     outside_requests = []
 
-    def local_only(route) -> None:
-        if urlparse(route.request.url).hostname == "127.0.0.1":
-            route.continue_()
-        else:
-            outside_requests.append(route.request.url)
-            route.abort()
+    def record_outside(request) -> None:
+        if urlparse(request.url).hostname != "127.0.0.1":
+            outside_requests.append(request.url)
 
     try:
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-            browser.route("**/*", local_only)
+            # Observed, not intercepted: Playwright's request interception holds back
+            # Gradio's server-sent events until the stream ends.
+            browser.on("request", record_outside)
             page = browser.new_page()
             page.goto(url)
 
@@ -424,15 +445,20 @@ def test_chat_in_browser(checkpoint, tmp_path):
             page.locator("#message textarea").fill("Now is the winter of our discontent " * 60)
             page.locator("#send").click()
             sync_api.expect(page.get_by_text("Press Clear").first).to_be_visible()
+            tracebacks = page.get_by_text("Traceback").count()
             browser.close()
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
     assert "finish reason" in reply_log
     assert reply.strip() != ""
     assert user == "Good morrow, who goes there?"
     assert other_user == "Sing me a song of the sea."
     assert first_tab_bots == 1
+    assert tracebacks == 0
     assert screenshot.stat().st_size > 0
     assert outside_requests == []

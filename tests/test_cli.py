@@ -298,8 +298,14 @@ def test_registered_stage_paths():
 # --- presets ---
 
 
-def test_pretrain_presets_declared():
-    assert set(presets.PRESETS["pretrain"]) == {"tiny", "cpu", "gpt2-small"}
+def test_pretrain_presets_build_valid_configs():
+    from gpt.config import build_config
+    from pretrain.train import PretrainConfig
+
+    assert {"tiny", "cpu", "gpt2-small", "gpt2-medium"} <= set(presets.PRESETS["pretrain"])
+    for name in presets.PRESETS["pretrain"]:
+        cfg = build_config(PretrainConfig, presets=[get_preset("pretrain", name)])
+        assert cfg.model.n_embd % cfg.model.n_head == 0, name
 
 
 def test_get_preset_returns_copy():

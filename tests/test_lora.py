@@ -136,7 +136,7 @@ def test_transformers_loads_adapter(tmp_path, layout, targets):
 def test_adapter_config_names_transformers_modules(tmp_path):
     save_adapter(adapted(base_model("gpt2"), "q_proj,v_proj,down_proj", r=4, alpha=8), tmp_path, "runs/x/pretrain")
     config = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
-    assert config["target_modules"] == ["attn.c_attn", "mlp.c_proj"]
+    assert sorted(config["target_modules"]) == ["attn.c_attn", "mlp.c_proj"]
     assert config["fan_in_fan_out"] is True
     assert config["r"] == 4
     assert config["lora_alpha"] == 8
@@ -148,7 +148,8 @@ def test_adapter_config_names_transformers_modules(tmp_path):
         B = f.get_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight")
     assert B.shape == (96, 8)
     assert not B[32:64].any()  # k is not targeted: zero rows
-    assert not B[:32, 4:].any() and not B[64:, :4].any()  # block diagonal
+    assert not B[:32, 4:].any()  # q rows use only q's columns
+    assert not B[64:, :4].any()  # v rows use only v's columns
 
 
 @pytest.mark.parametrize("layout,targets", [("gpt2", "q_proj,v_proj"), ("gpt2", "all"), ("llama", "all"),
@@ -186,7 +187,7 @@ def test_load_adapter_trained_in_transformers(tmp_path, layout, hf_targets):
 
 
 def test_missing_folder_is_error(tmp_path):
-    with pytest.raises(ValueError, match="adapter folder .*nowhere.* does not exist"):
+    with pytest.raises(ValueError, match="adapter folder .*nowhere.* not found"):
         load_adapter(base_model("gpt2"), tmp_path / "nowhere")
 
 

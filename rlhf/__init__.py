@@ -1,0 +1,1 @@
+"""Alignment stages: reward model, DPO family, PPO and GRPO."""
