@@ -5,15 +5,18 @@
 
 Every task adds rows (task, metric, value, stderr, n, seconds, and chance for
 multiple-choice accuracies) to `results.json` in the output folder, beside the
-checkpoint path and the resolved config. Generated replies go to `replies.jsonl`.
+checkpoint path and the resolved config. n counts examples, documents for lm, and
+replies for chat tasks (an MT-Bench question has two). Generated replies go to
+`replies.jsonl`.
 Both files are rewritten after each task, so an interrupted run keeps the finished
 tasks. The table printed at the end shows the same rows. See `evals/tasks.py` for the
 tasks and `evals/scoring.py` for the scoring rules.
 
-Multiple-choice metrics: acc picks the choice with the highest log-likelihood; acc_norm
-divides each log-likelihood by the UTF-8 bytes of the choice text (without the space
-that joins it to the question), which equals lm-evaluation-harness 0.4's division by
-characters on ASCII text; acc_per_token divides by the number of choice tokens.
+Multiple-choice metrics: acc picks the choice with the highest log-likelihood. acc_norm
+divides each log-likelihood by the UTF-8 bytes of the choice text, without the space
+that joins it to the question. lm-evaluation-harness 0.4 divides by characters instead,
+which is the same number on ASCII text. acc_per_token divides by the number of tokens
+of the continuation.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from evals import tasks as task_defs
-from evals.scoring import encode_pair, score_continuations, token_nlls
+from evals.scoring import encode_pair, predict_choices, score_continuations, token_nlls
 from gpt.chat import render_prompt, stop_token_ids
 from gpt.checkpoint import TOKENIZER_FILE, check_checkpoint_dir, load_model
 from gpt.config import config_to_dict, option
@@ -40,7 +43,7 @@ from gpt.device import resolve_device, resolve_dtype
 from gpt.files import atomic_write_text
 from gpt.generate import SamplingParams, generate
 from gpt.model import GPT
-from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
+from gpt.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class EvalConfig:
 
 @dataclass
 class Evaluation:
-    """What every task runner needs: the settings, the model and where output goes."""
+    """State shared by the task runners: settings, model, tokenizer and the replies collected so far."""
 
     cfg: EvalConfig
     model: GPT
@@ -123,7 +126,7 @@ class Evaluation:
 
 
 def row(task: str, metric: str, value: float, n: int, stderr: float | None = None, **extra: Any) -> dict:
-    """One results row; NaN and inf become None so that results.json stays valid JSON."""
+    """Build one results row. NaN and inf become None so that results.json stays valid JSON."""
     def clean(x):
         return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
@@ -146,30 +149,11 @@ def load_checkpoint(ckpt_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
 # Language modelling
 
 
-def _shard_tokens(folder: Path, tokenizer: Tokenizer, limit: int | None) -> tuple[np.ndarray, int, int]:
-    """The val split of a token shard folder: (tokens, number of documents, UTF-8 bytes)."""
-    from gpt.data import TokenShards, read_meta
-
-    meta = read_meta(folder)
-    if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
-        raise ValueError(f"token shards in {folder} were made with tokenizer {meta.get('tokenizer_fingerprint')}, not "
-                         f"the checkpoint's ({tokenizer.fingerprint}); evaluate on the data folder of the same run")
-    tokens = np.asarray(TokenShards(folder, "val").tokens[:], dtype=np.int64)
-    starts = np.flatnonzero(tokens == tokenizer.eot_id)
-    if limit is not None and len(starts) > limit:
-        tokens = tokens[:starts[limit]]
-    n_documents = int((tokens == tokenizer.eot_id).sum())
-    # Special tokens stand for no text, so they count zero bytes.
-    token_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)])
-    token_lengths[:len(SPECIAL_TOKENS)] = 0
-    return tokens, n_documents, int(token_lengths[tokens].sum())
-
-
 def run_perplexity(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
     source = ev.source(spec)
     stride = ev.cfg.stride or max(ev.model.config.block_size // 2, 1)
     if Path(source).is_dir() and (Path(source) / "meta.json").is_file():
-        tokens, n_documents, n_bytes = _shard_tokens(Path(source), ev.tokenizer, ev.cfg.limit)
+        tokens, n_documents, n_bytes = task_defs.lm_shard_tokens(Path(source), ev.tokenizer, ev.cfg.limit)
     else:
         documents = task_defs.lm_documents(source, ev.cfg.limit)
         # Each document starts with <|endoftext|>, as in pretraining; the first one is never scored.
@@ -200,23 +184,6 @@ def _score_pairs(ev: Evaluation, pairs: list[tuple[str, str]]):
     return scores
 
 
-def multiple_choice_predictions(examples: list[task_defs.MultipleChoiceExample], scores) -> dict[str, list[int]]:
-    """Predicted choice indices of each example under three rules: the raw log-likelihood,
-    per UTF-8 byte of the choice text, and per token of the continuation."""
-    predictions: dict[str, list[int]] = {"acc": [], "acc_norm": [], "acc_per_token": []}
-    position = 0
-    for example in examples:
-        chosen = scores[position:position + len(example.choices)]
-        position += len(example.choices)
-        logprobs = np.array([s.logprob for s in chosen])
-        n_bytes = np.array([max(len(c.encode("utf-8")), 1) for c in example.choices])
-        n_tokens = np.array([s.n_tokens for s in chosen])
-        predictions["acc"].append(int(np.argmax(logprobs)))
-        predictions["acc_norm"].append(int(np.argmax(logprobs / n_bytes)))
-        predictions["acc_per_token"].append(int(np.argmax(logprobs / n_tokens)))
-    return predictions
-
-
 def _hub_metric_rows(ev: Evaluation, task: str, predictions: list, references: list) -> list[dict]:
     from evals.metrics import load_metric
 
@@ -235,7 +202,7 @@ def run_multiple_choice(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
     examples = task_defs.multiple_choice_examples(spec.name, ev.source(spec), spec.fewshot_source,
                                                   ev.num_fewshot(spec), ev.cfg.limit, ev.cfg.seed)
     pairs = [(e.context, continuation) for e in examples for continuation in e.continuations()]
-    predictions = multiple_choice_predictions(examples, _score_pairs(ev, pairs))
+    predictions = predict_choices([e.choices for e in examples], _score_pairs(ev, pairs))
     gold = [e.gold for e in examples]
     chance = task_defs.random_chance(examples)
     # BLiMP compares whole sentences, so only the raw log-likelihood is its standard score.
@@ -349,7 +316,8 @@ def chat_replies(ev: Evaluation, model: GPT, tokenizer: Tokenizer, prompts: list
     """Reply to every turn of every prompt: turn k is sent with the model's own earlier replies.
 
     Returns:
-        One record per reply: id, turn, category, messages (the prompt), reply, finish
+        One record per reply, prompt by prompt and turn by turn: id, turn, category,
+        messages (the prompt), reply, finish
         ("stop" or "length"), ended_by_end_of_turn and n_tokens (without the stop token).
     """
     params = SamplingParams(max_new_tokens=ev.cfg.max_new_tokens, temperature=ev.cfg.temperature,
@@ -364,12 +332,15 @@ def chat_replies(ev: Evaluation, model: GPT, tokenizer: Tokenizer, prompts: list
         rendered = [render_prompt(tokenizer, histories[i]) for i in active]
         for i, completion in zip(active, generate_texts(ev, model, tokenizer, rendered, params)):
             stopped = completion.finish_reason == "stop"
-            records.append({"id": prompts[i].id, "turn": turn, "category": prompts[i].category,
+            records.append({"prompt_index": i, "id": prompts[i].id, "turn": turn, "category": prompts[i].category,
                             "messages": list(histories[i]), "reply": completion.text,
                             "finish": completion.finish_reason,
                             "ended_by_end_of_turn": stopped and completion.tokens[-1] == end_of_turn,
                             "n_tokens": len(completion.tokens) - int(stopped)})
             histories[i].append({"role": "assistant", "content": completion.text})
+    records.sort(key=lambda r: (r["prompt_index"], r["turn"]))
+    for record in records:
+        del record["prompt_index"]
     return records
 
 

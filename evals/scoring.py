@@ -24,8 +24,8 @@ once the first window is full.
 
 Reward scoring (`load_reward_scorer`) reads the folder that `gptlab reward` writes:
 a GPT checkpoint (the trunk) whose model.json has a "reward_model" field naming the
-head file, reward_head.safetensors, which holds a linear layer n_embd -> 1 applied to
-the final hidden state of the conversation's last token.
+head file, reward_head.safetensors, which holds a linear layer n_embd -> 1 (its bias
+optional) applied to the final hidden state of the conversation's last token.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ def score_continuations(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
     A pair longer than block_size + 1 tokens loses context from the left, and a
     continuation longer than block_size is scored in several rows (`continuation_rows`).
     Rows are right-padded, which needs no attention mask: a causal model's real tokens
-    never attend to the padding after them. Rows are sorted by length so that a batch
-    holds rows of similar length.
+    never attend to the padding after them. Rows are sorted by length so that each batch
+    contains rows of similar length.
 
     Args:
         model: the GPT, in eval mode for deterministic scores (this function does not change its mode).
@@ -145,7 +145,7 @@ def score_continuations(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
             raise ValueError(f"pair {index}: context and continuation need at least one token each, got "
                              f"{len(context)} and {len(continuation)}; start contexts with the end-of-text token")
         rows += [(index, inputs, targets) for inputs, targets in continuation_rows(context, continuation, block_size)]
-        # The first row holds the context and up to block_size continuation tokens, less the last one.
+        # The first row contains the context and up to block_size continuation tokens, less the last one.
         truncated.append(len(context) + min(len(continuation), block_size) - 1 > block_size)
 
     device = _model_device(model)
@@ -166,6 +166,33 @@ def score_continuations(model: GPT, pairs: Sequence[tuple[Sequence[int], Sequenc
             logprob_sums[index] += float(logprobs.gather(-1, target_ids[:, None]).double().sum())
             greedy[index] = greedy[index] and bool((logprobs.argmax(dim=-1) == target_ids).all())
     return [ContinuationScore(logprob_sums[i], greedy[i], len(pairs[i][1]), truncated[i]) for i in range(len(pairs))]
+
+
+def predict_choices(choices: Sequence[Sequence[str]],
+                    scores: Sequence[ContinuationScore]) -> dict[str, list[int]]:
+    """Pick a choice per question by three rules: the highest log-likelihood ("acc"), per
+    UTF-8 byte of the choice text ("acc_norm"), and per continuation token ("acc_per_token").
+
+    Args:
+        choices: the choice texts of each question, without the delimiter that joins them to it.
+        scores: the scores of every choice of every question, in the same order, flattened.
+
+    Returns:
+        The predicted choice index of each question under each rule.
+    """
+    predictions: dict[str, list[int]] = {"acc": [], "acc_norm": [], "acc_per_token": []}
+    position = 0
+    for texts in choices:
+        chosen = scores[position:position + len(texts)]
+        position += len(texts)
+        logprobs = np.array([s.logprob for s in chosen])
+        n_bytes = np.array([max(len(text.encode("utf-8")), 1) for text in texts])
+        n_tokens = np.array([s.n_tokens for s in chosen])
+        predictions["acc"].append(int(np.argmax(logprobs)))
+        predictions["acc_norm"].append(int(np.argmax(logprobs / n_bytes)))
+        predictions["acc_per_token"].append(int(np.argmax(logprobs / n_tokens)))
+    assert position == len(scores), "every score must belong to a choice"
+    return predictions
 
 
 def window_plan(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -283,13 +310,13 @@ def load_reward_scorer(ckpt_dir: str | os.PathLike, device: torch.device | str =
 
     Raises:
         FileNotFoundError: the folder, its weights, its head or its tokenizer is missing.
-        ValueError: the folder holds a language model, or the head does not fit the trunk.
+        ValueError: the folder contains a language model, or the head does not fit the trunk.
     """
     # NOTE: this reads the format of rlhf/reward.py (save_reward_model), which a stage may not import.
     ckpt_dir = check_checkpoint_dir(ckpt_dir, need=(MODEL_FILE, MODEL_CONFIG_FILE, TOKENIZER_FILE))
     meta = read_model_meta(ckpt_dir)
     if REWARD_META_KEY not in meta:
-        raise ValueError(f"{ckpt_dir} holds a language model, not a reward model: its {MODEL_CONFIG_FILE} has no "
+        raise ValueError(f"{ckpt_dir} contains a language model, not a reward model: its {MODEL_CONFIG_FILE} has no "
                          f"{REWARD_META_KEY!r} field. Pass the folder that gptlab reward wrote (runs/NAME/reward)")
     head_path = ckpt_dir / meta[REWARD_META_KEY].get("head", REWARD_HEAD_FILE)
     if not head_path.is_file():
@@ -297,9 +324,10 @@ def load_reward_scorer(ckpt_dir: str | os.PathLike, device: torch.device | str =
     trunk = load_model(ckpt_dir, device=device)
     head = load_file(str(head_path))
     n_embd = trunk.config.n_embd
-    if set(head) != {"weight", "bias"} or tuple(head["weight"].shape) != (1, n_embd) or head["bias"].numel() != 1:
+    weight, bias = head.get("weight"), head.get("bias", torch.zeros(1))
+    if weight is None or set(head) - {"weight", "bias"} or tuple(weight.shape) != (1, n_embd) or bias.numel() != 1:
         shapes = {name: tuple(t.shape) for name, t in head.items()}
-        raise ValueError(f"{head_path} holds {shapes}, but a reward head for n_embd {n_embd} is weight (1, {n_embd}) "
-                         f"and bias (1,); the head belongs to another model")
+        raise ValueError(f"{head_path} contains {shapes}, but a reward head for n_embd {n_embd} is a weight (1, {n_embd}) "
+                         f"and an optional bias (1,); the head belongs to another model")
     tokenizer = Tokenizer.from_file(ckpt_dir / TOKENIZER_FILE)
-    return RewardScorer(trunk, head["weight"][0], head["bias"][0], tokenizer, batch_size=batch_size, dtype=dtype)
+    return RewardScorer(trunk, weight[0], bias.reshape(()), tokenizer, batch_size=batch_size, dtype=dtype)

@@ -37,7 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gpt.data import CATALOG, DATA_DIR_ENV, resolve_files
+import numpy as np
+
+from gpt.data import CATALOG, DATA_DIR_ENV, TokenShards, read_meta, resolve_files
+from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 TaskKind = Literal["perplexity", "multiple_choice", "last_word", "generate", "chat"]
 
@@ -132,8 +135,9 @@ def _read_text(path: str) -> str:
 def read_file_records(path: str) -> list[dict]:
     """Read one .jsonl, .json, .csv or .txt file (optionally .gz) as a list of dict records.
 
-    A .json file holds a list of objects; a .csv file has a header row; each non-empty
-    line of a .txt file becomes {"text": line}. Every record also gets "_file", its path.
+    A .json file contains a list of objects, a .csv file has a header row, and each
+    non-empty line of a .txt file becomes {"text": line}. Every record also gets
+    "_file", its path.
 
     Raises:
         ValueError: an unknown suffix, invalid UTF-8, or a line or record that is not a JSON object.
@@ -291,8 +295,8 @@ def _mmlu_block(question: str, choices: list[str]) -> str:
 
 def mmlu_examples(records: list[dict], dev_records: list[dict], num_fewshot: int, limit: int | None,
                   source: str) -> list[MultipleChoiceExample]:
-    """MMLU prompts as lm-evaluation-harness writes them: a subject header, then k solved dev
-    questions of the same subject (the first k), then the question; choices " A".." D"."""
+    """Build MMLU prompts as lm-evaluation-harness writes them: a subject header, the first k
+    solved dev questions of the same subject, then the question. The choices are " A".." D"."""
     dev_by_subject: dict[str, list[str]] = {}
     for index, record in enumerate(dev_records):
         question, choices, answer = _mmlu_fields(record, index, "mmlu dev split")
@@ -340,9 +344,10 @@ def add_fewshot(examples: list[MultipleChoiceExample], pool: list[MultipleChoice
         return
     rng = random.Random(seed)
     candidates = pool if pool is not None else examples
-    if len(candidates) < k + (pool is None):
-        raise ValueError(f"num_fewshot={k} needs at least {k} few-shot examples, but only {len(candidates)} exist; "
-                         f"lower num_fewshot")
+    needed = k + (pool is None)  # drawing from the examples themselves leaves out the one asked
+    if len(candidates) < needed:
+        raise ValueError(f"num_fewshot={k} needs at least {needed} examples to draw from, but only {len(candidates)} "
+                         f"exist; lower num_fewshot")
     # Solved texts are built before any context changes, so shots never carry shots of their own.
     solved = [f"{c.context}{c.delimiter}{c.choices[c.gold]}\n\n" for c in candidates]
     for example in examples:
@@ -456,6 +461,30 @@ def lm_documents(source: str, limit: int | None) -> list[str]:
 
     documents = list(iter_texts(load_documents(source)))
     return take(documents, limit)
+
+
+def lm_shard_tokens(folder: Path, tokenizer: Tokenizer, limit: int | None) -> tuple[np.ndarray, int, int]:
+    """Read the val split of a token shard folder (the part of the corpus that pretraining held out).
+
+    Returns:
+        (tokens, number of documents, UTF-8 bytes of their text), cut after `limit` documents.
+
+    Raises:
+        ValueError: the shards were made with another tokenizer.
+    """
+    meta = read_meta(folder)
+    if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+        raise ValueError(f"token shards in {folder} were made with tokenizer {meta.get('tokenizer_fingerprint')}, not "
+                         f"the checkpoint's ({tokenizer.fingerprint}); evaluate on the data folder of the same run")
+    tokens = np.asarray(TokenShards(folder, "val").tokens[:], dtype=np.int64)
+    starts = np.flatnonzero(tokens == tokenizer.eot_id)
+    if limit is not None and len(starts) > limit:
+        tokens = tokens[:starts[limit]]
+    n_documents = int((tokens == tokenizer.eot_id).sum())
+    # Special tokens stand for no text, so they count zero bytes.
+    token_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)])
+    token_lengths[:len(SPECIAL_TOKENS)] = 0
+    return tokens, n_documents, int(token_lengths[tokens].sum())
 
 
 def random_chance(examples: Sequence[MultipleChoiceExample]) -> float:

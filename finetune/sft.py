@@ -347,10 +347,6 @@ def train(cfg: SFTConfig) -> dict:
     tokenizer = Tokenizer.from_file(tokenizer_file)
     model = load_model(base_dir)
     block_size = resolve_block_size(cfg.block_size, model.config.block_size, base_dir)
-    if cfg.pack and model.config.pos_encoding == "alibi":
-        # NOTE: GPT.forward drops the ALiBi bias when it is given a 4-D attention_mask, so a packed
-        # row would train without positions. Remove this check once the model applies both.
-        raise NotImplementedError("packing does not support ALiBi models yet; set pack=false")
     train_examples, heldout_examples = load_examples(cfg, tokenizer, block_size)
 
     model, flops = prepare_model(cfg, model, block_size)

@@ -372,6 +372,8 @@ class GPT(nn.Module):
             window = self._window_mask(position_ids, kv_cache, custom_mask.size(-1))
             if window is not None:
                 attn_mask = attn_mask & window
+            if self.config.pos_encoding == "alibi":
+                attn_mask = self._alibi_bias(position_ids, kv_cache, attn_mask)
         else:
             attn_mask = self._attention_bias(key_mask, position_ids, kv_cache, T)
 
@@ -441,9 +443,14 @@ class GPT(nn.Module):
             allowed = allowed | (torch.arange(S, device=device)[None, :] == q_index)[None, None]
         if not alibi:
             return allowed
+        return self._alibi_bias(position_ids, kv_cache, allowed)
+
+    def _alibi_bias(self, position_ids, kv_cache, allowed):
+        """Build the float (B, H, T, S) ALiBi bias, -inf where the boolean mask `allowed` is False."""
+        S = allowed.size(-1)
         key_positions = kv_cache.positions[:, :S] if kv_cache is not None else position_ids
         distance = (position_ids[:, :, None] - key_positions[:, None, :]).clamp(min=0)  # (B, T, S)
-        bias = -self.alibi.to(device)[None, :, None, None] * distance[:, None].float()  # (B, H, T, S)
+        bias = -self.alibi.to(position_ids.device)[None, :, None, None] * distance[:, None].float()  # (B, H, T, S)
         return bias.masked_fill(~allowed, float("-inf"))
 
     def _window_mask(self, position_ids, kv_cache, S):

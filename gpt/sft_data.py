@@ -691,7 +691,26 @@ def split_heldout(conversations: Sequence[Conversation], fraction: float,
 # Fitting to block_size
 
 
-def _fit(tokenizer: Tokenizer, conversation: Conversation, block_size: int) -> tuple[tuple[list[int], list[int]] | None, int]:
+class _MemoEncoder:
+    """A tokenizer whose `encode` remembers its results, so rendering several prefixes of one
+    conversation encodes each message once. Other attributes come from the wrapped tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = self._tokenizer.encode(text)
+        return ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+def _fit(tokenizer: _MemoEncoder, conversation: Conversation,
+         block_size: int) -> tuple[tuple[list[int], list[int]] | None, int]:
     """Return (fitted ids and mask or None, token count of the whole conversation)."""
     ids, mask = render_chat(tokenizer, conversation)
     if len(ids) <= block_size:
@@ -722,7 +741,7 @@ def fit_to_block(tokenizer: Tokenizer, conversation: Conversation, block_size: i
         (ids, mask) of at most block_size tokens, or None when even the messages up to the
         first assistant turn do not fit (the caller drops the conversation).
     """
-    return _fit(tokenizer, conversation, block_size)[0]
+    return _fit(_MemoEncoder(tokenizer), conversation, block_size)[0]
 
 
 @dataclass
@@ -750,7 +769,7 @@ def fit_conversations(tokenizer: Tokenizer, conversations: Sequence[Conversation
         raise ValueError(f"block_size={block_size}; expected a positive number of tokens.")
     result = FitResult()
     for index, conversation in enumerate(conversations):
-        fitted, length = _fit(tokenizer, conversation, block_size)
+        fitted, length = _fit(_MemoEncoder(tokenizer), conversation, block_size)
         result.lengths.append(length)
         if fitted is None:
             result.dropped += 1

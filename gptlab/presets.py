@@ -19,7 +19,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             "data": {"sources": "tinystories", "vocab_size": 2048},
             "model": {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 128},
             "train": {"batch_size": 16, "max_steps": 200, "lr": 3e-3, "warmup_steps": 20, "eval_interval": 100,
-                      "eval_batches": 10, "checkpoint_interval": 125},
+                      "eval_batches": 10, "checkpoint_interval": 100},
         },
         # The default: a base model worth talking to after 20 minutes on a laptop CPU.
         "cpu": {

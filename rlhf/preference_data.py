@@ -139,8 +139,8 @@ def _file_records(path: str) -> Iterator[tuple[str, Any]]:
     except (DatasetGenerationError, UnicodeDecodeError) as e:
         cause = e.__cause__ or e
         raise ValueError(f"{path}: cannot be read as {file_format} records ({type(cause).__name__}: {cause}). Check "
-                         "that the file is valid UTF-8 JSON and that each field has the same type in every "
-                         "record (for example chosen always a string, or always a message list).") from e
+                         "that the file is valid UTF-8 and holds one JSON object per line (.jsonl), a JSON list of "
+                         "objects (.json) or a parquet table.") from e
     for index, row in enumerate(ds):
         yield f"{path}, record {index}", row
 

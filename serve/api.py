@@ -324,18 +324,14 @@ class BatchWorker:
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self._pending: deque[Job] = deque()
-        self._batches: list[_Batch] = []
+        self._pending: deque[Job] = deque()  # shared with the request handlers, under _condition
+        self._batches: list[_Batch] = []  # touched by the worker thread only
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.peak_rows = 0  # the most rows decoded at once so far, for logs and tests
-
-    @property
-    def active_rows(self) -> int:
-        """Rows still decoding, including those of cancelled jobs that share a batch."""
-        with self._condition:
-            return sum(sum(batch.open_rows.values()) for batch in self._batches)
+        # Written by the worker thread after every round, read by anyone.
+        self.active_rows = 0  # rows still decoding, including those of cancelled jobs that share a batch
+        self.peak_rows = 0  # the most rows decoded at once so far
 
     @property
     def queued_jobs(self) -> int:
@@ -382,13 +378,17 @@ class BatchWorker:
             self._admit()
             for batch in list(self._batches):
                 self._advance(batch)
+            self.active_rows = self._count_rows()
         self._shut_down()
+
+    def _count_rows(self) -> int:
+        return sum(sum(batch.open_rows.values()) for batch in self._batches)
 
     def _admit(self) -> None:
         """Start batches for the waiting jobs that fit, oldest first."""
         with self._condition:
             waiting = [job for job in self._pending if not job.cancelled.is_set()]
-            room = self.max_batch_size - sum(sum(batch.open_rows.values()) for batch in self._batches)
+            room = self.max_batch_size - self._count_rows()
             admitted = []
             while waiting and len(waiting[0].prompts) <= room:
                 room -= len(waiting[0].prompts)
@@ -410,10 +410,8 @@ class BatchWorker:
             for job in jobs:
                 job.deliver(APIError(400, str(error)))
             return
-        with self._condition:
-            self._batches.append(_Batch(jobs, steps))
-            rows = sum(sum(batch.open_rows.values()) for batch in self._batches)
-            self.peak_rows = max(self.peak_rows, rows)
+        self._batches.append(_Batch(jobs, steps))
+        self.peak_rows = max(self.peak_rows, self._count_rows())
         logger.debug("started a batch of %d rows for %s", len(prompts), [job.request_id for job in jobs])
 
     def _advance(self, batch: _Batch) -> None:
@@ -432,14 +430,14 @@ class BatchWorker:
 
     def _finish(self, batch: _Batch) -> None:
         batch.steps.close()  # frees the batch's KV cache
-        with self._condition:
-            self._batches.remove(batch)
+        self._batches.remove(batch)
 
     def _shut_down(self) -> None:
         error = APIError(503, "the server is shutting down", kind="server_error")
         for batch in list(self._batches):
             batch.fail(error)
             self._finish(batch)
+        self.active_rows = 0
         with self._condition:
             pending, self._pending = list(self._pending), deque()
         for job in pending:
@@ -480,14 +478,14 @@ class _Generation:
     """One request in flight: its job on the worker and the events coming back."""
 
     def __init__(self, worker: BatchWorker, request: Request, prompts: list[list[int]], params: SamplingParams,
-                 *, chat: bool, model_name: str) -> None:
+                 *, chat: bool, model_name: str, prompt_tokens: int) -> None:
         self.worker, self.request, self.chat = worker, request, chat
         self.request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.model_name = model_name
         self.created = int(time.time())
-        self.prompt_tokens = sum(len(prompt) for prompt in prompts)
+        self.prompt_tokens = prompt_tokens  # counted once per prompt, not once per choice, as OpenAI does
         self.choices = [_Choice() for _ in prompts]
         self.queue: asyncio.Queue = asyncio.Queue()
         self.job = Job(self.request_id, prompts, params, _event_source(asyncio.get_running_loop(), self.queue))
@@ -673,7 +671,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = sampling_params(body, max_tokens, chat_stop_ids, block_size)
         check_rows(body.n or 1)
-        generation = _Generation(worker, request, [prompt] * (body.n or 1), params, chat=True, model_name=model_name)
+        generation = _Generation(worker, request, [prompt] * (body.n or 1), params, chat=True, model_name=model_name,
+                                 prompt_tokens=len(prompt))
         return await _respond(generation, body)
 
     @app.post("/v1/completions", dependencies=authorized)
@@ -687,7 +686,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
         n = body.n or 1
         check_rows(len(prompts) * n)
         rows = [prompt for prompt in prompts for _ in range(n)]  # choice index = prompt index * n + j, as OpenAI
-        generation = _Generation(worker, request, rows, params, chat=False, model_name=model_name)
+        generation = _Generation(worker, request, rows, params, chat=False, model_name=model_name,
+                                 prompt_tokens=sum(len(prompt) for prompt in prompts))
         return await _respond(generation, body)
 
     return app

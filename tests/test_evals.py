@@ -321,7 +321,7 @@ def test_chat_reward_and_compare(checkpoint, tmp_path):
 
 
 def test_reward_folder_must_be_reward_model(checkpoint):
-    with pytest.raises(ValueError, match="holds a language model, not a reward model"):
+    with pytest.raises(ValueError, match="contains a language model, not a reward model"):
         load_reward_scorer(checkpoint)
 
 
@@ -343,7 +343,7 @@ def test_arithmetic_task(checkpoint, tmp_path, monkeypatch):
 
 @needs_data
 def test_hub_metric_by_name(checkpoint, tmp_path, monkeypatch):
-    """A metric named with --metrics goes through evaluate.load; offline, a local module stands in."""
+    """A metric named with --metrics goes through evaluate.load, replaced here by a local module (no Hub)."""
     import evaluate
 
     loaded = []

@@ -16,9 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evals.harness import multiple_choice_predictions
-from evals.scoring import ContinuationScore, encode_pair, score_continuations, token_nlls, window_plan
-from evals.tasks import MultipleChoiceExample
+from evals.scoring import (
+    ContinuationScore,
+    encode_pair,
+    predict_choices,
+    score_continuations,
+    token_nlls,
+    window_plan,
+)
 from gpt.hf import to_hf_model
 from gpt.model import GPT, ModelConfig
 from gpt.tokenizer import Tokenizer
@@ -54,14 +59,15 @@ def model(tokenizer) -> GPT:
     return random_model("gpt2", tokenizer.vocab_size)
 
 
-def loop_logprob(model: GPT, context: list[int], continuation: list[int]) -> float:
+def loop_logprob(model, context: list[int], continuation: list[int], block_size: int = BLOCK_SIZE) -> float:
     """Sum of log-softmax of the continuation's tokens, one unpadded forward pass per token.
 
     Continuation token t belongs to chunk k = (t - len(context)) // block_size and sees the
-    block_size tokens before the chunk's last token, or all there are.
+    block_size tokens before the chunk's last token, or all there are. `model` is ours or
+    a transformers model: both return an output with .logits.
     """
     ids = context + continuation
-    a, L = len(context), model.config.block_size
+    a, L = len(context), block_size
     total = 0.0
     with torch.no_grad():
         for t in range(a, len(ids)):
@@ -166,10 +172,9 @@ def test_long_continuation_in_chunks(tokenizer, model):
 
 def test_length_normalizations_hand_worked():
     # "Zürich" is 7 UTF-8 bytes (ü takes two); the delimiter is not counted.
-    example = MultipleChoiceExample("Capital?", ["Paris", "Rome", "Zürich"], gold=0)
     scores = [ContinuationScore(-10.0, False, 4), ContinuationScore(-9.0, False, 2),
               ContinuationScore(-12.6, False, 3)]
-    predictions = multiple_choice_predictions([example], scores)
+    predictions = predict_choices([["Paris", "Rome", "Zürich"]], scores)
     # Raw: -10, -9, -12.6 -> Rome.
     assert predictions["acc"] == [1]
     # Per byte: -10/5 = -2.0, -9/4 = -2.25, -12.6/7 = -1.8 -> Zürich.
@@ -230,10 +235,4 @@ def test_scores_match_transformers(tokenizer, layout):
     encoded = [encode_pair(tokenizer, c, x) for c, x in PAIRS]
     scores = score_continuations(ours, encoded, batch_size=4, pad_id=tokenizer.pad_id)
     for (context_ids, continuation_ids), score in zip(encoded, scores):
-        ids = (context_ids + continuation_ids)[-(BLOCK_SIZE + 1):]
-        with torch.no_grad():
-            logprobs = F.log_softmax(theirs(torch.tensor([ids[:-1]])).logits[0].double(), dim=-1)
-        n = len(continuation_ids)
-        positions = torch.arange(len(ids) - 1 - n, len(ids) - 1)
-        expected = logprobs[positions, torch.tensor(continuation_ids)].sum().item()
-        assert score.logprob == pytest.approx(expected, abs=1e-4)
+        assert score.logprob == pytest.approx(loop_logprob(theirs, context_ids, continuation_ids), abs=1e-4)
