@@ -1,7 +1,7 @@
 """Time one DPO training step of gptlab against TRL's DPOTrainer on the same model and pairs,
 with full training and with LoRA, and count the parameters each holds for its reference.
 
-    GPTLAB_DATA_DIR=/work/shared/data python benchmarks/bench_dpo.py [--steps 10] [--out FILE.json]
+    GPTLAB_DATA_DIR=DATA_KIT_FOLDER python benchmarks/bench_dpo.py [--steps 10] [--out FILE.json]
 
 Both sides start from one GPT (gpt2 layout, float32 on the CPU): ours trains it directly,
 TRL loads the transformers folder that `gpt.hf.save_hf_folder` exports from it. The pairs
@@ -12,12 +12,13 @@ use AdamW, gradient clipping at 1.0, dropout off, no gradient checkpointing, and
 the reference log-probs on the fly (a frozen copy for full training, the policy with its
 adapters disabled for LoRA).
 
-A step is the median wall time of `Trainer.train_step` (ours, batch collation included)
-and of the time between TRL's on_step_begin and on_step_end callbacks (data loading
-excluded), after warmup steps.
+A step is timed around `Trainer.train_step` (ours, batch collation included) and
+between TRL's on_step_begin and on_step_end callbacks (data loading excluded), after
+warmup steps. Each is reported as the median wall time and the median CPU time of the
+process (all its threads), which other jobs on a shared machine disturb less.
 
-Limits: one process, and wall times on a shared machine vary from run to run; compare
-the two columns of one run, not numbers across runs.
+Limits: wall times on a shared machine vary from run to run, so compare the columns
+of one run, not numbers across runs.
 """
 
 from __future__ import annotations
@@ -89,13 +90,15 @@ def time_ours(base: GPT, tokenized: list, args: argparse.Namespace, lora: bool) 
     batches = PairBatches(tokenized, args.batch_size, seed=0)
     trainer = Trainer(model, cfg, tempfile.mkdtemp(prefix="bench-dpo-"), batches, hooks)
     batch_iter = iter(batches)
-    times = []
+    wall, cpu = [], []
     for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train_step(batch_iter)
         if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "parameters_held": held_parameters(model, reference.copy)}
+            wall.append(time.perf_counter() - wall_start)
+            cpu.append(time.process_time() - cpu_start)
+    return {"step_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
+            "parameters_held": held_parameters(model, reference.copy)}
 
 
 def time_trl(hf_dir: Path, pairs: list[PreferencePair], tokenized: list, args: argparse.Namespace, lora: bool) -> dict:
@@ -106,13 +109,14 @@ def time_trl(hf_dir: Path, pairs: list[PreferencePair], tokenized: list, args: a
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
-            self.times, self.start = [], 0.0
+            self.wall, self.cpu, self.start = [], [], (0.0, 0.0)
 
         def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
+            self.start = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *_, **__):
-            self.times.append(time.perf_counter() - self.start)
+            self.wall.append(time.perf_counter() - self.start[0])
+            self.cpu.append(time.process_time() - self.start[1])
 
     dataset = Dataset.from_list([{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
                                   "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs])
@@ -134,7 +138,7 @@ def time_trl(hf_dir: Path, pairs: list[PreferencePair], tokenized: list, args: a
     same_tokens = (first["prompt_ids"], first["chosen_ids"], first["rejected_ids"]) == (
         tokenized[0].prompt, tokenized[0].chosen, tokenized[0].rejected)
     trainer.train()
-    return {"step_s": statistics.median(timer.times[args.warmup:]),
+    return {"step_s": statistics.median(timer.wall[args.warmup:]), "cpu_s": statistics.median(timer.cpu[args.warmup:]),
             "parameters_held": held_parameters(trainer.model, trainer.ref_model), "same_tokens": same_tokens}
 
 
@@ -173,11 +177,13 @@ def main() -> None:
         results[name] = {"ours": time_ours(model, tokenized, args, lora),
                          "trl": time_trl(work / "hf", pairs, tokenized, args, lora)}
 
-    print("\n| training | ours (s/step) | TRL (s/step) | TRL / ours | parameters held, ours | parameters held, TRL |")
-    print("|---|---|---|---|---|---|")
+    print("\n| training | ours: wall / CPU s per step | TRL: wall / CPU s per step | TRL / ours, wall | TRL / ours, CPU "
+          "| parameters held, ours | parameters held, TRL |")
+    print("|---|---|---|---|---|---|---|")
     for name, result in results.items():
         ours, trl = result["ours"], result["trl"]
-        print(f"| {name} | {ours['step_s']:.3f} | {trl['step_s']:.3f} | {trl['step_s'] / ours['step_s']:.2f}x | "
+        print(f"| {name} | {ours['step_s']:.3f} / {ours['cpu_s']:.3f} | {trl['step_s']:.3f} / {trl['cpu_s']:.3f} | "
+              f"{trl['step_s'] / ours['step_s']:.2f}x | {trl['cpu_s'] / ours['cpu_s']:.2f}x | "
               f"{ours['parameters_held']:,} | {trl['parameters_held']:,} |")
     print(f"\npolicy parameters: {model.num_parameters():,}; TRL tokenized the first pair as we do: "
           f"{all(r['trl']['same_tokens'] for r in results.values())}")

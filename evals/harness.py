@@ -77,16 +77,17 @@ class EvalConfig:
     reward: Path | None = option(None, "reward model checkpoint folder that scores chat replies (runs/NAME/reward)")
     compare: Path | None = option(None, "second checkpoint for a head-to-head win rate on the chat tasks, judged by --reward")
     metrics: list[str] = option([], "extra evaluate metrics by Hub name (accuracy, f1, exact_match, ...), computed on each multiple-choice and gsm8k task's predictions; they need the Hub or a cached copy")
-    sources: dict[str, str] = option({}, "data source per task, replacing its default, as YAML: '{hellaswag: val.jsonl, mmlu: cais/mmlu:test}'")
+    sources: dict[str, str] = option({}, "data source per task, replacing its default, as YAML: '{hellaswag: val.jsonl, hellaswag_fewshot: train.jsonl, mmlu: cais/mmlu:test}'; TASK_fewshot sets where few-shot examples come from")
 
     def problems(self) -> list[str]:
         found = []
         unknown = [name for name in self.tasks if name not in task_defs.TASKS]
         if unknown or not self.tasks:
             found.append(f"tasks {unknown or self.tasks} are not known; choose from {', '.join(task_defs.TASKS)}")
-        unknown_sources = [name for name in self.sources if name not in task_defs.TASKS]
+        unknown_sources = [name for name in self.sources if name.removesuffix("_fewshot") not in task_defs.TASKS]
         if unknown_sources:
-            found.append(f"sources names unknown tasks {unknown_sources}; keys must be task names")
+            found.append(f"sources has unknown keys {unknown_sources}; keys are task names, or a task name followed "
+                         f"by _fewshot for the source of its few-shot examples")
         for name in ("limit", "stride"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -121,6 +122,9 @@ class Evaluation:
             return self.cfg.sources.get("lm", self.cfg.lm_source)
         return self.cfg.sources.get(spec.name, spec.source)
 
+    def fewshot_source(self, spec: task_defs.TaskSpec) -> str | None:
+        return self.cfg.sources.get(f"{spec.name}_fewshot", spec.fewshot_source)
+
     def num_fewshot(self, spec: task_defs.TaskSpec) -> int:
         return spec.num_fewshot if self.cfg.num_fewshot is None else self.cfg.num_fewshot
 
@@ -140,8 +144,9 @@ def load_checkpoint(ckpt_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
     tokenizer = Tokenizer.from_file(ckpt_dir / TOKENIZER_FILE)
     model = load_model(ckpt_dir, device=device).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{ckpt_dir / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}; copy the tokenizer.json the model was trained with into {ckpt_dir}")
+        raise ValueError(f"{ckpt_dir / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                         f"is {model.config.vocab_size}; copy the tokenizer.json the model was trained with into "
+                         f"{ckpt_dir}")
     return model, tokenizer
 
 
@@ -150,6 +155,8 @@ def load_checkpoint(ckpt_dir: Path, device: torch.device) -> tuple[GPT, Tokenize
 
 
 def run_perplexity(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
+    from evals.metrics import BitsPerByte
+
     source = ev.source(spec)
     stride = ev.cfg.stride or max(ev.model.config.block_size // 2, 1)
     if Path(source).is_dir() and (Path(source) / "meta.json").is_file():
@@ -157,10 +164,9 @@ def run_perplexity(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
     else:
         documents = task_defs.lm_documents(source, ev.cfg.limit)
         # Each document starts with <|endoftext|>, as in pretraining; the first one is never scored.
-        tokens = np.concatenate([[ev.tokenizer.eot_id] + ev.tokenizer.encode(doc) for doc in documents])
+        encoded = ev.tokenizer.encode_batch(documents)
+        tokens = np.concatenate([[ev.tokenizer.eot_id] + ids for ids in encoded])
         n_documents, n_bytes = len(documents), sum(len(doc.encode("utf-8")) for doc in documents)
-    from evals.metrics import BitsPerByte
-
     nlls = token_nlls(ev.model, tokens, stride=stride, batch_size=ev.cfg.batch_size, dtype=ev.dtype)
     result = BitsPerByte(keep_in_memory=True).compute(nll=[float(nlls.sum())], n_tokens=[len(nlls)],
                                                       n_bytes=[n_bytes])
@@ -199,7 +205,7 @@ def _hub_metric_rows(ev: Evaluation, task: str, predictions: list, references: l
 def run_multiple_choice(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
     from evals.metrics import Accuracy
 
-    examples = task_defs.multiple_choice_examples(spec.name, ev.source(spec), spec.fewshot_source,
+    examples = task_defs.multiple_choice_examples(spec.name, ev.source(spec), ev.fewshot_source(spec),
                                                   ev.num_fewshot(spec), ev.cfg.limit, ev.cfg.seed)
     pairs = [(e.context, continuation) for e in examples for continuation in e.continuations()]
     predictions = predict_choices([e.choices for e in examples], _score_pairs(ev, pairs))
@@ -259,7 +265,7 @@ def generate_texts(ev: Evaluation, model: GPT, tokenizer: Tokenizer, prompts: li
 def run_gsm8k(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
     from evals.metrics import NumberExactMatch
 
-    examples = task_defs.gsm8k_examples(ev.source(spec), spec.fewshot_source, ev.num_fewshot(spec), ev.cfg.limit,
+    examples = task_defs.gsm8k_examples(ev.source(spec), ev.fewshot_source(spec), ev.num_fewshot(spec), ev.cfg.limit,
                                         ev.cfg.seed)
     tok = ev.tokenizer
     if ev.cfg.chat_template:
@@ -312,13 +318,14 @@ def run_arithmetic(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
 # Chat
 
 
-def chat_replies(ev: Evaluation, model: GPT, tokenizer: Tokenizer, prompts: list[task_defs.ChatPrompt]) -> list[dict]:
+def chat_replies(ev: Evaluation, model: GPT, tokenizer: Tokenizer,
+                 prompts: list[task_defs.ChatPrompt]) -> list[dict]:
     """Reply to every turn of every prompt: turn k is sent with the model's own earlier replies.
 
     Returns:
         One record per reply, prompt by prompt and turn by turn: id, turn, category,
-        messages (the prompt), reply, finish
-        ("stop" or "length"), ended_by_end_of_turn and n_tokens (without the stop token).
+        messages (the prompt), reply, finish ("stop" or "length"), ended_by_end_of_turn
+        and n_tokens (without the stop token).
     """
     params = SamplingParams(max_new_tokens=ev.cfg.max_new_tokens, temperature=ev.cfg.temperature,
                             stop_token_ids=stop_token_ids(tokenizer), seed=ev.cfg.seed)
@@ -383,6 +390,7 @@ def _compare(ev: Evaluation, spec: task_defs.TaskSpec, prompts, records: list[di
 
     other_model, other_tokenizer = load_checkpoint(ev.cfg.compare, ev.device)
     other = chat_replies(ev, other_model, other_tokenizer, prompts)
+    del other_model
     other_rewards = _reward_scores(ev, scorer, other)
     for record, opponent, reward in zip(records, other, other_rewards):
         assert (record["id"], record["turn"]) == (opponent["id"], opponent["turn"])
@@ -394,10 +402,15 @@ def _compare(ev: Evaluation, spec: task_defs.TaskSpec, prompts, records: list[di
                losses=result["losses"], compare=str(ev.cfg.compare))
 
 
+def run_generation(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
+    return run_arithmetic(ev, spec) if spec.name == "arithmetic" else run_gsm8k(ev, spec)
+
+
 RUNNERS = {
     "perplexity": run_perplexity,
     "multiple_choice": run_multiple_choice,
     "last_word": run_last_word,
+    "generate": run_generation,
     "chat": run_chat,
 }
 
@@ -415,9 +428,11 @@ def format_table(rows: list[dict]) -> str:
     lines = [(r["task"], r["metric"], number(r["value"]), number(r.get("stderr")), number(r.get("chance")),
               str(r["n"]), number(r.get("seconds"), 1)) for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    left = {0, 1}
-    render = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
-                                     for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def render(cells) -> str:
+        # Task and metric names align left, numbers right.
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([render(header), render(["-" * w for w in widths])] + [render(line) for line in lines])
 
 
@@ -451,9 +466,8 @@ def run(cfg: EvalConfig) -> dict:
                "model": model.config.to_dict(), "results": []}
     for name in cfg.tasks:
         spec = task_defs.TASKS[name]
-        runner = {"gsm8k": run_gsm8k, "arithmetic": run_arithmetic}.get(name) or RUNNERS[spec.kind]
         started = time.perf_counter()
-        rows = runner(ev, spec)
+        rows = RUNNERS[spec.kind](ev, spec)
         seconds = time.perf_counter() - started
         for task_row in rows:
             task_row["seconds"] = round(seconds, 3)

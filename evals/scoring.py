@@ -3,15 +3,15 @@
 Tokenization rule for a (context, continuation) pair (`encode_pair`). Whitespace at
 the end of the context moves to the front of the continuation, as lm-evaluation-harness
 does, so "Answer: " + "Paris" scores " Paris", the token a byte-level BPE model
-actually predicts. Then the context and the continuation are encoded separately and
-the continuation's tokens follow the context's. Every scored token is a token of the
-continuation, and every conditioning token is a token of the context, even when the
-two strings would merge into one token across the join when encoded together ("ti" +
-"me" -> " time"). In that case the model sees a split of the joined text that its own
-tokenizer would not produce. lm-evaluation-harness 0.4 encodes the joined text and cuts
-it at the context's token count instead, so on a merge it scores part of the continuation
-as context. Each context starts with `<|endoftext|>`, the document boundary that every
-pretraining document starts with, so an empty context is scored from it alone.
+actually predicts. Then the context and the continuation are encoded separately, and
+the continuation's tokens follow the context's. So every scored token is a token of
+the continuation and every conditioning token a token of the context, even where the
+joined text would merge a token across the join ("ti" + "me" -> " time"). In that case
+the model is given a split of the text that its tokenizer would not produce.
+lm-evaluation-harness 0.4 instead encodes the joined text and cuts it at the context's
+token count, so on a merge the first characters of the continuation become context
+and are not scored. Each context starts with `<|endoftext|>`, the document boundary
+that every pretraining document starts with, so an empty context is scored from it alone.
 
 A pair longer than block_size + 1 tokens loses context tokens from the left. A
 continuation longer than block_size tokens is scored in chunks of block_size tokens,
@@ -24,13 +24,12 @@ once the first window is full.
 
 Reward scoring (`load_reward_scorer`) reads the folder that `gptlab reward` writes:
 a GPT checkpoint (the trunk) whose model.json has a "reward_model" field naming the
-head file, reward_head.safetensors, which holds a linear layer n_embd -> 1 (its bias
+head file, reward_head.safetensors, which contains a linear layer n_embd -> 1 (its bias
 optional) applied to the final hidden state of the conversation's last token.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from gpt.chat import render_chat
-from gpt.checkpoint import MODEL_CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, check_checkpoint_dir, load_model, read_model_meta
+from gpt.checkpoint import (
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    check_checkpoint_dir,
+    load_model,
+    read_model_meta,
+)
 from gpt.device import autocast
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
@@ -260,14 +266,8 @@ def token_nlls(model: GPT, tokens: Sequence[int] | np.ndarray, *, stride: int, b
     return nlls
 
 
-def perplexity(nll_sum: float, n_tokens: int) -> float:
-    """exp of the mean negative log-likelihood per token; inf when it overflows."""
-    mean = nll_sum / max(n_tokens, 1)
-    return math.exp(mean) if mean < 700 else math.inf
-
-
 class RewardScorer:
-    """Scores conversations with a reward model: a GPT trunk and a linear head on the last token.
+    """A reward model as a callable: a GPT trunk and a linear head on the last token's hidden state.
 
     Call it with a list of conversations ({"role", "content"} messages ending with the
     assistant's reply); it returns one float reward per conversation.
@@ -327,7 +327,7 @@ def load_reward_scorer(ckpt_dir: str | os.PathLike, device: torch.device | str =
     weight, bias = head.get("weight"), head.get("bias", torch.zeros(1))
     if weight is None or set(head) - {"weight", "bias"} or tuple(weight.shape) != (1, n_embd) or bias.numel() != 1:
         shapes = {name: tuple(t.shape) for name, t in head.items()}
-        raise ValueError(f"{head_path} contains {shapes}, but a reward head for n_embd {n_embd} is a weight (1, {n_embd}) "
-                         f"and an optional bias (1,); the head belongs to another model")
+        raise ValueError(f"{head_path} contains {shapes}, but a reward head for n_embd {n_embd} is a weight "
+                         f"(1, {n_embd}) and an optional bias (1,); the head belongs to another model")
     tokenizer = Tokenizer.from_file(ckpt_dir / TOKENIZER_FILE)
     return RewardScorer(trunk, weight[0], bias.reshape(()), tokenizer, batch_size=batch_size, dtype=dtype)

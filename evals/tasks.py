@@ -39,7 +39,7 @@ from typing import Literal
 
 import numpy as np
 
-from gpt.data import CATALOG, DATA_DIR_ENV, TokenShards, read_meta, resolve_files
+from gpt.data import CATALOG, DATA_DIR_ENV, TokenShards, iter_texts, load_documents, read_meta, resolve_files
 from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 TaskKind = Literal["perplexity", "multiple_choice", "last_word", "generate", "chat"]
@@ -58,7 +58,8 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("lm", "perplexity", "tinystories-valid", description="loss, perplexity and bits per byte on held-out text"),
+    TaskSpec("lm", "perplexity", "tinystories-valid",
+             description="loss, perplexity and bits per byte on held-out text"),
     TaskSpec("arc_easy", "multiple_choice", "arc-easy", "arc-easy-dev", description="ARC-Easy science questions"),
     TaskSpec("arc_challenge", "multiple_choice", "arc-challenge", "arc-challenge-dev",
              description="ARC-Challenge science questions"),
@@ -206,7 +207,7 @@ def load_records(source: str) -> list[dict]:
         ValueError: the source names nothing, a catalog entry's local files are missing
             under $GPTLAB_DATA_DIR, a file is malformed, or the Hub load failed.
     """
-    fix = "Pass a local file instead (for example sources='{TASK: FILE.jsonl}'), or run where the Hub is reachable."
+    fix = "Pass a local file instead (--sources '{TASK: FILE.jsonl}'), or run where the Hub is reachable."
     entry = CATALOG.get(source)
     if entry is not None:
         files = resolve_files(entry)
@@ -216,13 +217,16 @@ def load_records(source: str) -> list[dict]:
         if files is None:
             if not entry.hub_id:
                 raise ValueError(f"catalog entry {source!r} exists only as local files ({', '.join(entry.local)}); "
-                                 f"set {DATA_DIR_ENV} to the folder that holds them")
+                                 f"set {DATA_DIR_ENV} to the folder that contains them")
             return _load_hub(entry.hub_id, entry.hub_config, entry.hub_split, fix)
         return [record for path in files for record in read_file_records(path)]
 
     files = _local_files(source)
     if files is not None:
-        return [record for path in files for record in read_file_records(path)]
+        records = [record for path in files for record in read_file_records(path)]
+        if not records:
+            raise ValueError(f"{', '.join(files[:3])}: no records found; check that it contains the task's data")
+        return records
     if _format_of(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ValueError(f"data source {source!r} not found: it is not a catalog name ({', '.join(CATALOG)}), "
                          f"an existing file or folder, or a Hub id written owner/name[:split]")
@@ -300,7 +304,8 @@ def mmlu_examples(records: list[dict], dev_records: list[dict], num_fewshot: int
     dev_by_subject: dict[str, list[str]] = {}
     for index, record in enumerate(dev_records):
         question, choices, answer = _mmlu_fields(record, index, "mmlu dev split")
-        dev_by_subject.setdefault(_mmlu_subject(record), []).append(f"{_mmlu_block(question, choices)} {'ABCD'[answer]}")
+        solved = f"{_mmlu_block(question, choices)} {'ABCD'[answer]}"
+        dev_by_subject.setdefault(_mmlu_subject(record), []).append(solved)
     by_subject: dict[str, list[MultipleChoiceExample]] = {}
     for index, record in enumerate(records):
         subject = _mmlu_subject(record)
@@ -442,7 +447,8 @@ def chat_prompts(source: str, limit: int | None) -> list[ChatPrompt]:
                 extra_input = instances[0].get("input") or ""
             turns = [str(record["instruction"]) + (f"\n\n{extra_input}" if extra_input else "")]
         elif "prompt" in record:
-            turns = [str(t) for t in record["prompt"]] if isinstance(record["prompt"], list) else [str(record["prompt"])]
+            prompt = record["prompt"]
+            turns = [str(t) for t in prompt] if isinstance(prompt, list) else [str(prompt)]
         elif "question" in record:
             turns = [str(record["question"])]
         else:
@@ -456,9 +462,7 @@ def chat_prompts(source: str, limit: int | None) -> list[ChatPrompt]:
 
 
 def lm_documents(source: str, limit: int | None) -> list[str]:
-    """Held-out documents for the lm task, read by `gpt.data.load_documents`."""
-    from gpt.data import iter_texts, load_documents
-
+    """Read held-out documents for the lm task with `gpt.data.load_documents`."""
     documents = list(iter_texts(load_documents(source)))
     return take(documents, limit)
 

@@ -82,8 +82,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
     This is the practical peak a training step can approach on this device; the
     first products are discarded as warm-up.
     """
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A private generator, so that measuring never shifts the global random stream of a run.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     for _ in range(3):
         a @ b
     synchronize(device)

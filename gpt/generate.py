@@ -23,8 +23,8 @@ rows finish. Greedy decoding (temperature 0) draws nothing. The same seed gives 
 text on the same device and torch version; CPU and CUDA generators give different numbers.
 
 KV-cache precision: `kv_cache_dtype` stores the cached keys and values in another dtype
-than the one the model computes in (bfloat16 halves the cache of a float32 model); they
-are cast back for attention, so only their rounding changes the logits.
+than the one the model computes in, so bfloat16 halves the cache of a float32 model. They
+are cast back for attention, and only their rounding changes the logits.
 
 Limits: a sequence (prompt plus generated tokens) never exceeds the model's block_size.
 A row that reaches it finishes with reason "length". With model.sliding_window the

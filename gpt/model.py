@@ -139,8 +139,10 @@ class KVCache:
         self.max_length = max_length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new (B, K, T, D) keys and values of `layer`; return all keys and values so far,
-        in the dtype of `k` (a cache kept in a lower precision is cast back for attention)."""
+        """Store the new (B, K, T, D) keys and values of `layer`; return all keys and values so far.
+
+        They are returned in the dtype of `k`, so a cache kept in a lower precision is cast back
+        for attention."""
         end = self.length + k.size(2)
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
@@ -454,8 +456,8 @@ class GPT(nn.Module):
         return bias.masked_fill(~allowed, float("-inf"))
 
     def _window_mask(self, position_ids, kv_cache, S):
-        """The sliding window as a boolean (B, 1, T, S) mask that is True where the key is fewer than
-        sliding_window positions before the query, or None when no query can see that far back.
+        """Build the sliding window as a boolean (B, 1, T, S) mask, True where the key is fewer than
+        sliding_window positions before the query; return None when no query reaches that far back.
 
         Distances are taken between positions, not cache columns, so left padding does not
         shorten a row's window. Keys after the query are left to the causal mask.

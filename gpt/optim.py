@@ -87,9 +87,9 @@ class Lion(torch.optim.Optimizer):
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon on hidden weight matrices and AdamW on the other parameters, as one optimizer.
 
-    It holds a `torch.optim.Muon` and a `torch.optim.AdamW` and shows their param groups
-    and state as its own: `param_groups` contains the very group dicts of the two, so
-    setting `lr` in it reaches them, and `state_dict()` and `load_state_dict()` cover
+    It wraps a `torch.optim.Muon` and a `torch.optim.AdamW` and presents their param
+    groups and state as its own. `param_groups` contains the very group dicts of the two,
+    so setting `lr` in it reaches them, and `state_dict()` and `load_state_dict()` cover
     both.
 
     Args:
@@ -154,7 +154,7 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
 
 def build_muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                fused: bool = False) -> MuonWithAdamW:
-    """Muon for the hidden matrices of `model`, AdamW (decay on matrices only) for the rest.
+    """Build Muon for the hidden matrices of `model` and AdamW (decay on matrices only) for the rest.
 
     Raises:
         NotImplementedError: the model's parameters are sharded by FSDP2.

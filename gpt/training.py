@@ -96,9 +96,10 @@ class TrainConfig:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Build the optimizer that `cfg.optimizer` names, with weight decay on matrices only; biases
-    and norm gains are not decayed (Loshchilov and Hutter 2019 define decay per weight; decaying gains
-    only shrinks them). Lion and Muon live in gpt/optim.py.
+    """Build the optimizer that `cfg.optimizer` names, with weight decay on matrices only.
+
+    Biases and norm gains are not decayed, because Loshchilov and Hutter 2019 define decay
+    per weight and decaying gains only shrinks them. Lion and Muon are in gpt/optim.py.
 
     Raises:
         NotImplementedError: muon with parameters sharded by FSDP2.

@@ -6,16 +6,18 @@
 Writes PNG files (matplotlib, Agg backend) to `out_dir` (default: the sweep folder):
 
 - loss_curves.png: `curve_metric` of every run against `curve_x`, read from each run's
-  metrics.jsonl; runs of one variant share a color, and each seed is its own line.
+  metrics.jsonl. Runs of one variant share a color, and each seed is its own line.
 - Y_vs_X.png for every metric Y of `y`: one line per variant (every combination of the
-  `group` columns), one point per value of `x`, at the mean over the seeds, with error
-  bars of one standard error of that mean (std / sqrt(n), sample std with n - 1) or,
-  with `error: std`, of one sample standard deviation. A point with one seed has no bar.
+  `group` columns) and one point per value of `x`, at the mean over the seeds. Its error
+  bars are one standard error of that mean, std / sqrt(n) with the sample std (n - 1),
+  or with `error: std` one sample standard deviation. A point with one seed has no bar.
   A text x (such as pos_encoding) is drawn as categories. Missing values (a metric a run
   does not have, like the 2x length of learned positions) leave a gap.
 
 The swept columns come from the sweep's sweep.json; without one, they are the columns
-between "status" and "run_dir" of the table, where `gptlab sweep` puts them.
+between "status" and "run_dir" of the table, where `gptlab sweep` puts them. By default
+every swept column but x and the seed makes the variants, except a column that x
+determines (train.batch_size swept together with model.block_size, for example).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class PlotConfig:
     out_dir: str = option("", "folder for the PNG files; empty for the folder of the table")
     x: str = option("", "column for the x axis (a swept field such as model.block_size, or params, tokens_seen, train_flops, elapsed_s); empty for the first swept column")
     y: list[str] = option(["best_val_loss"], "metric columns to plot against x, one figure each")
-    group: list[str] = option([], "columns whose values make one line each; empty for every swept column except x and the seed")
+    group: list[str] = option([], "columns whose values make one line each; empty for every swept column except x, the seed and columns that x determines")
     error: Literal["stderr", "std"] = option("stderr", "error bars over seeds: standard error of the mean, or sample standard deviation")
     logx: bool = option(False, "logarithmic x axis")
     logy: bool = option(False, "logarithmic y axis")
@@ -97,6 +99,18 @@ def swept_columns(table: Any, folder: Path) -> tuple[list[str], str | None]:
     return [c for c in swept if c != seed], seed
 
 
+def default_group(table: Any, swept: list[str], x: str) -> list[str]:
+    """Pick the swept columns other than x whose value is not fixed by the value of x."""
+    group = []
+    for column in swept:
+        if column == x:
+            continue
+        values_per_x = table.groupby(x, dropna=False)[column].nunique(dropna=False)
+        if (values_per_x > 1).any():
+            group.append(column)
+    return group
+
+
 def variant_label(values: tuple, group: list[str]) -> str:
     return ", ".join(f"{column.rsplit('.', 1)[-1]}={value}" for column, value in zip(group, values)) or "all runs"
 
@@ -151,7 +165,7 @@ def plot_curves(table: Any, group: list[str], metric: str, x: str, out_path: Pat
 
 
 def summarize(table: Any, group: list[str], x: str, y: str, error: str) -> Any:
-    """Mean, error and count of `y` over the seeds of every (variant, x) cell.
+    """Compute the mean, error and count of `y` over the seeds of every (variant, x) cell.
 
     Returns:
         A DataFrame with the group columns, x, "mean", "error" (NaN with one value) and "n".
@@ -211,7 +225,7 @@ def plot_metric(table: Any, group: list[str], x: str, y: str, cfg: PlotConfig, o
 
 
 def run(cfg: PlotConfig) -> list[Path]:
-    """The `plot` stage: write the figures; return their paths.
+    """Run the `plot` stage: write the figures and return their paths.
 
     Raises:
         FileNotFoundError: no results table at `cfg.results`.
@@ -221,11 +235,11 @@ def run(cfg: PlotConfig) -> list[Path]:
     table = read_table(table_path)
     swept, seed = swept_columns(table, table_path.parent)
     x = cfg.x or (swept[0] if swept else "params")
-    group = list(cfg.group) if cfg.group else [c for c in swept if c != x]
-    missing = [c for c in [x, *cfg.y, *group] if c not in table.columns]
+    missing = [c for c in [x, *cfg.y, *cfg.group] if c not in table.columns]
     if missing:
         raise ValueError(f"{table_path} has no column {', '.join(map(repr, missing))}; its columns are "
                          f"{', '.join(table.columns)}")
+    group = list(cfg.group) if cfg.group else default_group(table, [c for c in swept if c != seed], x)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else table_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -19,9 +19,9 @@ Each point runs as `python -m gptlab STAGE --preset P --config OUT_DIR/NAME/swee
 in the folder OUT_DIR/NAME, where NAME is built from its overrides
 (`block_size=64,pos_encoding=rope,seed=1`), and its output goes to NAME/sweep.log. Every
 point's config is checked before anything runs. A point that exits with status 0 gets a
-`sweep_done.json` marker; a finished point (marker, or the stage's summary.json) is skipped
-when the sweep runs again, so an interrupted sweep resumes where it stopped. A point that
-fails or is interrupted runs again from the start.
+`sweep_done.json` marker. When the sweep runs again, it skips every finished point (one
+with the marker or with the stage's summary.json), so an interrupted sweep resumes where
+it stopped. A point that failed or was interrupted runs again from the start.
 
 The table OUT_DIR/results.csv and results.parquet has one row per point: its overrides and
 seed, status, parameters and FLOPs per token (from model.json), tokens, wall time and
@@ -43,10 +43,13 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,7 +232,7 @@ def check_points(cfg: SweepConfig, points: list[Point]) -> list[Any]:
 
     Raises:
         ValueError: an unknown preset, invalid settings at some points (each listed with
-            its point), or a finished point whose saved settings differ from today's.
+            its point), or a finished point whose saved settings differ from the current ones.
     """
     from gptlab.presets import get_preset
 
@@ -257,18 +260,26 @@ def check_points(cfg: SweepConfig, points: list[Point]) -> list[Any]:
 
 
 def ran_with_other_settings(cfg: SweepConfig, point: Point) -> bool:
-    """Whether the point's recorded run (done marker, else its config file) used other settings."""
-    settings = yaml.safe_load(yaml.safe_dump(point.settings))  # as the file stores them: tuples become lists
+    """Check whether the point's recorded run (done marker, else its config file) used other settings.
+
+    The point_paths fields are left out of the comparison: they follow the folder, so a
+    sweep folder that was moved or copied still resumes."""
+    def comparable(settings: dict) -> dict:
+        return {key: value for key, value in settings.items() if key not in cfg.point_paths}
+
+    # Compare values as the files store them (YAML and JSON turn tuples into lists).
+    settings = comparable(yaml.safe_load(yaml.safe_dump(point.settings)))
     done = point.folder / DONE_FILE
     if done.exists():
         record = json.loads(done.read_text(encoding="utf-8"))
-        return record.get("settings") != json.loads(json.dumps(settings)) or record.get("presets") != list(cfg.presets)
+        return (comparable(record.get("settings", {})) != json.loads(json.dumps(settings))
+                or record.get("presets") != list(cfg.presets))
     saved = point.folder / POINT_FILE
-    return saved.exists() and yaml.safe_load(saved.read_text(encoding="utf-8")) != settings
+    return saved.exists() and comparable(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}) != settings
 
 
 def stage_dir(cfg: SweepConfig, point: Point) -> Path:
-    """The folder the stage writes metrics.jsonl and summary.json to: POINT/STAGE when it
+    """Find the folder the stage writes metrics.jsonl and summary.json to: POINT/STAGE when it
     exists (pretrain's layout), else a folder of point_paths that has them, else POINT."""
     candidates = [point.folder / cfg.stage]
     candidates += [Path(template.replace("{point}", str(point.folder))) for template in cfg.point_paths.values()]
@@ -283,8 +294,8 @@ def is_finished(cfg: SweepConfig, point: Point) -> bool:
 
 
 def child_environment() -> dict[str, str]:
-    """The environment of a point's process: progress bars off, and this checkout of gptlab first
-    on PYTHONPATH, so the child runs the same code as the sweep."""
+    """Build the environment of a point's process: progress bars off, and this checkout of gptlab
+    first on PYTHONPATH, so the child runs the same code as the sweep."""
     root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "GPTLAB_NO_PROGRESS": "1", "PYTHONPATH": root + (os.pathsep + path if path else "")}
@@ -293,6 +304,24 @@ def child_environment() -> dict[str, str]:
 def point_command(cfg: SweepConfig, point: Point) -> list[str]:
     presets = [arg for name in cfg.presets for arg in ("--preset", name)]
     return [sys.executable, "-m", "gptlab", cfg.stage, *presets, "--config", str(point.folder / POINT_FILE)]
+
+
+@contextmanager
+def stop_children_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while the sweep runs, so that `subprocess.run` kills the
+    running point's process instead of leaving it orphaned. Does nothing outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_point(cfg: SweepConfig, point: Point) -> bool:
@@ -325,8 +354,8 @@ def run_point(cfg: SweepConfig, point: Point) -> bool:
 
 
 def shares_data(cfg: SweepConfig, configs: list[Any]) -> bool:
-    """Whether the points of a pretraining sweep can share one tokenizer and one set of shards:
-    their run folders are the point folders and their data settings are all the same."""
+    """Check whether the points of a pretraining sweep can share one tokenizer and one set of
+    shards, which needs the point folders as run folders and the same data settings everywhere."""
     if cfg.stage != "pretrain" or not cfg.share_data or cfg.point_paths.get("out_dir") != "{point}":
         return False
     first = config_to_dict(configs[0].data)
@@ -367,7 +396,7 @@ def link_shared(shared: Path, point: Point) -> None:
 
 
 def evaluate_lengths(run_dir: Path, multiples: list[float], max_tokens: int) -> dict[str, float | None]:
-    """Validation loss and bits per byte of a pretrained checkpoint at multiples of its block_size.
+    """Measure validation loss and bits per byte of a pretrained checkpoint at multiples of its block_size.
 
     Windows of round(multiple * block_size) tokens are evaluated one after the other over
     the first `max_tokens` validation tokens. A model with learned positions has no
@@ -421,7 +450,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def model_numbers(folder: Path) -> dict[str, float]:
-    """Parameters and FLOPs per token of the model.json in `folder`, if there is one."""
+    """Count parameters and FLOPs per token of the model.json in `folder`; {} without one."""
     path = folder / "model.json"
     if not path.exists():
         return {}
@@ -436,7 +465,7 @@ def model_numbers(folder: Path) -> dict[str, float]:
 
 
 def metric_columns(records: list[dict]) -> dict[str, float]:
-    """Final train loss, and the final and best value of every val_* metric in metrics.jsonl.
+    """Take the final train loss, and the final and best value of every val_* metric in metrics.jsonl.
 
     "Best" is the minimum for losses and bits per byte and the maximum for anything else."""
     row: dict[str, float] = {}
@@ -454,7 +483,7 @@ def metric_columns(records: list[dict]) -> dict[str, float]:
 
 
 def eval_columns(path: Path) -> dict[str, float]:
-    """One column per task and metric of an eval/results.json: "eval/TASK/METRIC"."""
+    """Read an eval/results.json into one column per task and metric, named "eval/TASK/METRIC"."""
     data = json.loads(path.read_text(encoding="utf-8"))
     rows = data.get("results", data) if isinstance(data, dict) else data
     columns = {}
@@ -472,7 +501,11 @@ def eval_columns(path: Path) -> dict[str, float]:
 
 def point_row(cfg: SweepConfig, point: Point) -> dict[str, Any]:
     folder = stage_dir(cfg, point)
-    status = "done" if is_finished(cfg, point) else "failed" if (point.folder / FAILED_FILE).exists() else "pending"
+    status = "pending"
+    if is_finished(cfg, point):
+        status = "done"
+    elif (point.folder / FAILED_FILE).exists():
+        status = "failed"
     row: dict[str, Any] = {"name": point.name, "status": status, **point.overrides}
     if point.seed is not None:
         row[cfg.seed_field] = point.seed
@@ -522,7 +555,7 @@ def write_table(rows: list[dict], out_dir: Path) -> Any:
 
 
 def run(cfg: SweepConfig) -> Any:
-    """The `sweep` stage: check every point, run the unfinished ones, write the results table.
+    """Run the `sweep` stage: check every point, run the unfinished ones, write the results table.
 
     Returns:
         The results table (a pandas DataFrame).
@@ -549,14 +582,15 @@ def run(cfg: SweepConfig) -> Any:
             and (cfg.retry_failed or not (p.folder / FAILED_FILE).exists())]
     logger.info("sweep of %d points in %s: %d finished, %d to run", len(points), out_dir,
                 len(points) - len(todo), len(todo))
-    shared = prepare_shared(cfg, configs[0]) if todo and shares_data(cfg, configs) else None
     failed = []
-    for index, point in enumerate(todo, start=1):
-        logger.info("point %d/%d: %s", index, len(todo), point.name)
-        if shared is not None:
-            link_shared(shared, point)
-        if not run_point(cfg, point):
-            failed.append(point.name)
+    with stop_children_on_sigterm():
+        shared = prepare_shared(cfg, configs[0]) if todo and shares_data(cfg, configs) else None
+        for index, point in enumerate(todo, start=1):
+            logger.info("point %d/%d: %s", index, len(todo), point.name)
+            if shared is not None:
+                link_shared(shared, point)
+            if not run_point(cfg, point):
+                failed.append(point.name)
     if cfg.stage == "pretrain" and cfg.length_eval:
         for point in points:
             if is_finished(cfg, point) and not (point.folder / LENGTH_FILE).exists():

@@ -6,7 +6,7 @@ with DPO, IPO or conservative DPO, against the frozen starting policy as the ref
     gptlab dpo --policy runs/NAME/sft --loss cdpo --label_smoothing 0.1
     gptlab dpo --policy runs/NAME/sft --lora_r 16 --train.lr 5e-4
 
-Each micro-batch holds the chosen and the rejected conversations of its pairs in one
+The chosen and the rejected conversations of a micro-batch run through the model in one
 forward pass. A sequence's log-probability sums the reply tokens only (the reply's
 content and its closing <|end|>), never the prompt or padding; IPO divides each sum by
 the reply's token count (see `rlhf.losses`). The reference log-probs of a batch are
@@ -126,7 +126,7 @@ def disable_dropout(model: GPT) -> None:
 class Reference:
     """Sequence log-probs of the frozen starting policy.
 
-    With a plain GPT it keeps a frozen copy; with a PeftModel it runs the policy
+    With a plain GPT it keeps a frozen copy. With a PeftModel it runs the policy
     itself with the adapters disabled and dropout off, so no weights are copied.
     """
 

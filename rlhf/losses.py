@@ -130,7 +130,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
 
 
 def preference_loss(name: str, beta: float, label_smoothing: float = 0.0) -> Callable[..., torch.Tensor]:
-    """The loss `name` of `PREFERENCE_LOSSES` with beta (and, for cdpo, label_smoothing) bound.
+    """Return the loss `name` of `PREFERENCE_LOSSES` with beta (and, for cdpo, label_smoothing) bound.
 
     Returns:
         fn(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -149,7 +149,7 @@ def preference_loss(name: str, beta: float, label_smoothing: float = 0.0) -> Cal
 
 
 def unwrap_gpt(model: nn.Module) -> GPT:
-    """The GPT inside DistributedDataParallel, torch.compile and peft wrappers.
+    """Return the GPT inside DistributedDataParallel, torch.compile and peft wrappers.
 
     Raises:
         TypeError: no GPT is found inside `model`.

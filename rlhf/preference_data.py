@@ -146,7 +146,7 @@ def _file_records(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _record_streams(source: str, split: str) -> list[Iterator[tuple[str, Any]]]:
-    """The records of each file of `source`, or of its Hub dataset."""
+    """Return an iterator of (where, record) for each file of `source`, or one for its Hub dataset."""
     entry = CATALOG.get(source)
     if entry is None:
         files = _expand_local(source)
@@ -211,7 +211,7 @@ def _prompt_messages(value: Any, where: str) -> Messages:
 
 
 def _reply_from_messages(value: Any, prompt: Messages, name: str, where: str) -> str:
-    """The content of a reply given as a message list, with or without the prompt before it."""
+    """Return the content of a reply given as a message list, with or without the prompt before it."""
     messages = validate_messages([value] if isinstance(value, Mapping) else value, f"{where}, field {name!r}")
     if messages[:len(prompt)] == prompt:
         messages = messages[len(prompt):]
@@ -267,7 +267,7 @@ def _split_shared_prompt(chosen: Messages, rejected: Messages, where: str) -> tu
                              f"message, got the roles [{', '.join(m['role'] for m in messages)}]. Add the reply "
                              "or remove the record.")
     if chosen[:-1] != rejected[:-1]:
-        turn = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+        turn = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
         raise ValueError(f"{where}: chosen and rejected differ at message {turn}, before their last reply; the two "
                          "must share every message but the last. Give the prompt as its own field, or fix the "
                          "record.")
@@ -387,7 +387,7 @@ def load_pairs(source: str, *, split: str = "train", max_pairs: int = 0) -> tupl
 
     Raises:
         ValueError: a missing path or catalog file, an unreadable file, a record in no
-            known format, or a bad record (see the module docstring); the message names
+            known format, or a bad record (see the module docstring). The message names
             the file, the record and the fix.
     """
     if max_pairs < 0:
@@ -471,8 +471,8 @@ def _reply_ids(tokenizer: Tokenizer, prompt: Messages, prompt_ids: list[int], re
 
 
 def _shorten_prompt(tokenizer: Tokenizer, prompt: Messages, budget: int, where: str) -> list[int]:
-    """The prompt in at most `budget` tokens: whole turns dropped from the start, then the
-    last user message cut to its end."""
+    """Render the prompt in at most `budget` tokens. Whole turns are dropped from the start,
+    and if the last user message alone is too long, it keeps its end."""
     for start in range(1, len(prompt)):
         if prompt[start]["role"] == "user":
             ids = render_prompt(tokenizer, prompt[start:], source=where)
@@ -590,7 +590,7 @@ class PairBatches:
             yield collate_pairs(batch)
 
     def in_order(self, max_batches: int) -> Iterator[dict[str, Any]]:
-        """The first max_batches micro-batches of the pairs in their stored order (for evaluation)."""
+        """Yield the first max_batches micro-batches of the pairs in their stored order (for evaluation)."""
         for start in range(0, min(len(self.pairs), max_batches * self.batch_size), self.batch_size):
             yield collate_pairs(self.pairs[start:start + self.batch_size])
 

@@ -5,7 +5,7 @@ pairs with the Bradley-Terry loss.
 
 The reward of a conversation is the head, nn.Linear(n_embd, 1, bias=False), applied to the final
 hidden state of its last real token, which for a rendered conversation is the <|end|>
-closing the reply. Padding may sit on either side. Each batch holds the chosen and the
+closing the reply. Padding may sit on either side. Each batch contains the chosen and the
 rejected conversations of its pairs, and the loss is -log sigmoid(r_chosen - r_rejected)
 (`rlhf.losses.bradley_terry_loss`). Loss, accuracy (share of pairs with r_chosen >
 r_rejected) and margin (mean r_chosen - r_rejected) are logged for training batches and,
@@ -66,7 +66,7 @@ class RewardModel(nn.Module):
             # The output layer is never run, so it must not count as trainable: DDP would wait
             # for its gradient, and the optimizer would hold state for it.
             self.gpt.lm_head.weight.requires_grad_(False)
-        # The Bradley-Terry loss sees only differences of rewards, so a constant added to every
+        # The Bradley-Terry loss depends only on differences of rewards, so a constant added to every
         # reward gets no gradient: the head has no bias (as transformers' *ForSequenceClassification
         # heads), and the final norm's bias, which only shifts every reward by head . bias, is frozen.
         self.head = nn.Linear(self.config.n_embd, 1, bias=False)
@@ -167,12 +167,12 @@ def load_reward_model(ckpt_dir: str | os.PathLike, device: str | torch.device = 
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
-        ValueError: the folder holds a language model, not a reward model, or its head does not fit.
+        ValueError: the folder contains a language model, not a reward model, or its head does not fit.
     """
     ckpt_dir = check_checkpoint_dir(ckpt_dir, need=("model.safetensors", "model.json"))
     meta = read_model_meta(ckpt_dir)
     if META_KEY not in meta:
-        raise ValueError(f"{ckpt_dir} holds a language model, not a reward model: its model.json has no "
+        raise ValueError(f"{ckpt_dir} contains a language model, not a reward model: its model.json has no "
                          f"{META_KEY!r} field. Train a reward model with gptlab reward --base {ckpt_dir}")
     head_path = ckpt_dir / meta[META_KEY].get("head", HEAD_FILE)
     if not head_path.is_file():
@@ -183,7 +183,7 @@ def load_reward_model(ckpt_dir: str | os.PathLike, device: str | torch.device = 
     expected = {name: tuple(t.shape) for name, t in model.head.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in head.items()}
     if found != expected:
-        raise ValueError(f"{head_path} holds {found}, but a head for n_embd {model.config.n_embd} needs {expected}; "
+        raise ValueError(f"{head_path} contains {found}, but a head for n_embd {model.config.n_embd} needs {expected}; "
                          "the head belongs to another model")
     model.head.load_state_dict(head)
     return model.to(device)

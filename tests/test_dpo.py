@@ -315,7 +315,7 @@ def test_disable_dropout():
     assert torch.equal(model(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("loss, lora", [("dpo", False), ("ipo", False), ("cdpo", True), ("dpo", True)])
+@pytest.mark.parametrize("loss, lora", [("dpo", False), ("cdpo", True)])
 def test_every_trainable_parameter_changes(tokenizer, pairs_file, tmp_path, loss, lora):
     pairs, _ = load_pairs(str(pairs_file))
     tokenized, _ = tokenize_pairs(tokenizer, pairs, BLOCK)
@@ -331,7 +331,7 @@ def test_every_trainable_parameter_changes(tokenizer, pairs_file, tmp_path, loss
     summary = Trainer(model, cfg, tmp_path, PairBatches(tokenized, 4, seed=0), hooks).run()
     unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
     assert unchanged == []
-    assert math.isfinite(summary["steps"]) and summary["steps"] == 3
+    assert summary["steps"] == 3
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(value) for value in losses)
 

@@ -153,6 +153,15 @@ def test_hellaswag_preprocessing(hellaswag_file):
     assert examples[1].choices[0] == " Find a friend. Call them."
 
 
+def test_hellaswag_fewshot_from_file(hellaswag_file):
+    examples = tasks.multiple_choice_examples("hellaswag", str(hellaswag_file), str(hellaswag_file), 1, 1, seed=3)
+    shot, question = examples[0].context.split("\n\n")
+    assert question.startswith("Removing ice from car: ")
+    assert shot in ("Removing ice from car: Then, the man writes over the snow covering the window of a car, and a "
+                    "woman wearing winter clothes smiles. Then , the man continues removing the snow on his car.",
+                    "Health: How to cope with suicidal thoughts. Talk to someone. Ask for help.")
+
+
 def test_fewshot_never_uses_own_example():
     examples = [tasks.MultipleChoiceExample(f"Q{i}:", [f"a{i}", "b"], 0) for i in range(3)]
     tasks.add_fewshot(examples, None, 2, seed=0)
@@ -357,10 +366,12 @@ def test_hub_metric_by_name(checkpoint, tmp_path, monkeypatch):
 
 
 def test_config_problems(capsys):
-    assert main(["eval", "--checkpoint", "x", "--tasks", "arc,lm", "--compare", "y"]) == 2
+    assert main(["eval", "--checkpoint", "x", "--tasks", "arc,lm", "--compare", "y", "--sources",
+                 "{hellaswag_fewshot: a.jsonl, hellaswa: b.jsonl}"]) == 2
     message = capsys.readouterr().err
     assert "tasks ['arc'] are not known" in message
     assert "compare needs a reward model" in message
+    assert "sources has unknown keys ['hellaswa']" in message
 
 
 def test_config_defaults():

@@ -182,6 +182,8 @@ def test_folder_of_files(tmp_path):
      r"field 'chosen' is not an HH-RLHF transcript: it must start with '\\n\\nHuman:'"),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: ho\n\nAssistant: b"},
      r"chosen and rejected differ at message 0, before their last reply"),
+    ({"chosen": [user("q"), assistant("a"), user("more"), assistant("y")], "rejected": [user("q"), assistant("n")]},
+     r"chosen and rejected differ at message 1, before their last reply"),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
      r"field 'chosen' must end with an assistant reply"),
     ({"chosen": [user("q"), assistant("")], "rejected": [user("q"), assistant("n")]},

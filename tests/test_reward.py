@@ -143,7 +143,7 @@ def test_save_and_load(tokenizer, tmp_path):
 
 
 def test_load_language_model_rejected(base_dir):
-    with pytest.raises(ValueError, match="holds a language model, not a reward model"):
+    with pytest.raises(ValueError, match="contains a language model, not a reward model"):
         load_reward_model(base_dir)
 
 

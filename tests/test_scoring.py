@@ -236,3 +236,17 @@ def test_scores_match_transformers(tokenizer, layout):
     scores = score_continuations(ours, encoded, batch_size=4, pad_id=tokenizer.pad_id)
     for (context_ids, continuation_ids), score in zip(encoded, scores):
         assert score.logprob == pytest.approx(loop_logprob(theirs, context_ids, continuation_ids), abs=1e-4)
+
+
+def test_non_overlapping_windows_match_pretraining(tokenizer, model):
+    """With stride = block_size the windows are those of pretraining's validation loss."""
+    from pretrain.train import evaluate_bits_per_byte
+
+    text = " ".join(["Once upon a time, there was a little boy named Tim who liked to run in the sun."] * 4)
+    tokens = np.array([tokenizer.eot_id] + tokenizer.encode(text))
+    n_windows = (len(tokens) - 1) // BLOCK_SIZE
+    assert n_windows >= 2
+    nlls = token_nlls(model, tokens, stride=BLOCK_SIZE, batch_size=2)
+    with torch.no_grad():
+        expected = evaluate_bits_per_byte(model, tokens, 1.0, BLOCK_SIZE, batch_size=2, max_batches=100)
+    assert nlls[:n_windows * BLOCK_SIZE].mean() == pytest.approx(expected["val_loss"], abs=1e-5)
