@@ -12,6 +12,8 @@ use AdamW, gradient clipping at 1.0, dropout off, no gradient checkpointing, and
 the reference log-probs on the fly (a frozen copy for full training, the policy with its
 adapters disabled for LoRA).
 
+Ours runs with packed rows, as `gptlab dpo` does by default, and once more unpacked
+(each sequence padded to the longest of its batch, as TRL's default collator does).
 A step is timed around `Trainer.train_step` (ours, batch collation included) and
 between TRL's on_step_begin and on_step_end callbacks (data loading excluded), after
 warmup steps. Each is reported as the median wall time and the median CPU time of the
@@ -76,7 +78,7 @@ def held_parameters(*models: torch.nn.Module | None) -> int:
     return sum(seen.values())
 
 
-def time_ours(base: GPT, tokenized: list, args: argparse.Namespace, lora: bool) -> dict:
+def time_ours(base: GPT, tokenized: list, args: argparse.Namespace, lora: bool, pack: bool) -> dict:
     torch.manual_seed(0)
     model = GPT(base.config)
     model.load_state_dict(base.state_dict())
@@ -87,7 +89,7 @@ def time_ours(base: GPT, tokenized: list, args: argparse.Namespace, lora: bool) 
                   tokens_per_batch=lambda batch: batch["n_tokens"])
     cfg = TrainConfig(batch_size=args.batch_size, max_steps=10**6, lr=1e-4, warmup_steps=0, weight_decay=0.0,
                       device="cpu", dtype="float32", eval_interval=0, checkpoint_interval=10**6)
-    batches = PairBatches(tokenized, args.batch_size, seed=0)
+    batches = PairBatches(tokenized, args.batch_size, seed=0, pack=pack)
     trainer = Trainer(model, cfg, tempfile.mkdtemp(prefix="bench-dpo-"), batches, hooks)
     batch_iter = iter(batches)
     wall, cpu = [], []
@@ -174,15 +176,17 @@ def main() -> None:
     results = {}
     for lora in (False, True):
         name = f"LoRA r={LORA_R}" if lora else "full"
-        results[name] = {"ours": time_ours(model, tokenized, args, lora),
+        results[name] = {"ours": time_ours(model, tokenized, args, lora, pack=True),
+                         "ours_unpacked": time_ours(model, tokenized, args, lora, pack=False),
                          "trl": time_trl(work / "hf", pairs, tokenized, args, lora)}
 
-    print("\n| training | ours: wall / CPU s per step | TRL: wall / CPU s per step | TRL / ours, wall | TRL / ours, CPU "
-          "| parameters held, ours | parameters held, TRL |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| training | ours (packed): wall / CPU s per step | ours unpacked | TRL | TRL / ours, wall | "
+          "TRL / ours, CPU | parameters held, ours | parameters held, TRL |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
-        ours, trl = result["ours"], result["trl"]
-        print(f"| {name} | {ours['step_s']:.3f} / {ours['cpu_s']:.3f} | {trl['step_s']:.3f} / {trl['cpu_s']:.3f} | "
+        ours, unpacked, trl = result["ours"], result["ours_unpacked"], result["trl"]
+        print(f"| {name} | {ours['step_s']:.3f} / {ours['cpu_s']:.3f} | {unpacked['step_s']:.3f} / "
+              f"{unpacked['cpu_s']:.3f} | {trl['step_s']:.3f} / {trl['cpu_s']:.3f} | "
               f"{trl['step_s'] / ours['step_s']:.2f}x | {trl['cpu_s'] / ours['cpu_s']:.2f}x | "
               f"{ours['parameters_held']:,} | {trl['parameters_held']:,} |")
     print(f"\npolicy parameters: {model.num_parameters():,}; TRL tokenized the first pair as we do: "

@@ -3,8 +3,8 @@
     python benchmarks/bench_generate.py [--prompt-len 64] [--new-tokens 128] [--repeats 3] [--out FILE.json]
 
 The model has the size of the `cpu` pretraining preset (n_layer 6, n_head 4, n_embd 256,
-block_size 256, vocab_size 8192) in the gpt2 layout, with random weights: the time of
-a forward pass does not depend on the values of the weights or of the token ids. The
+block_size 256, vocab_size 8192) in the gpt2 layout. Its weights are random, because the
+time of a forward pass does not depend on the values of the weights or of the token ids. The
 same model is exported with gpt.hf.to_hf_model (a GPT2LMHeadModel) and both decode the
 same random prompts greedily, to exactly --new-tokens tokens (no end-of-text stop), at
 batch 1 and batch 8. Batch prompts all have the same length, so neither side pads.

@@ -7,8 +7,9 @@
 - `MuonWithAdamW`: Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in
   neural networks") on the 2-D weight matrices inside the transformer blocks, and AdamW
   on everything else (embeddings, output layer, biases, norm gains), as Muon's authors
-  prescribe. Muon is `torch.optim.Muon` (torch 2.9 and later): momentum whose update is
-  orthogonalized by a Newton-Schulz iteration. It runs with `adjust_lr_fn="match_rms_adamw"`
+  prescribe. Muon is `torch.optim.Muon`, which torch 2.13 ships: momentum whose update is
+  orthogonalized by a Newton-Schulz iteration. Older torch versions may lack it, and then
+  `build_muon` raises NotImplementedError. It runs with `adjust_lr_fn="match_rms_adamw"`
   (Liu et al. 2025, "Muon is Scalable for LLM Training"), which scales each matrix's
   update to the RMS of a typical AdamW update, so both parts share one learning rate
   and one weight decay.
@@ -157,9 +158,13 @@ def build_muon(model: nn.Module, lr: float, weight_decay: float, betas: tuple[fl
     """Build Muon for the hidden matrices of `model` and AdamW (decay on matrices only) for the rest.
 
     Raises:
-        NotImplementedError: the model's parameters are sharded by FSDP2.
+        NotImplementedError: torch has no torch.optim.Muon, or the model's parameters are
+            sharded by FSDP2.
         ValueError: the model has no hidden matrices (no `blocks` module).
     """
+    if not hasattr(torch.optim, "Muon"):
+        raise NotImplementedError(f"train.optimizer=muon uses torch.optim.Muon, which torch {torch.__version__} "
+                                  f"does not have; install a newer torch (2.13 has it) or use adamw or lion")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if any(isinstance(p, DTensor) for _, p in named):
         raise NotImplementedError("train.optimizer=muon orthogonalizes whole matrices, and FSDP2 shards them "

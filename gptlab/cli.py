@@ -59,6 +59,7 @@ STAGES: dict[str, Stage] = {
     "sample": Stage("gptlab.sample:SampleConfig", "gptlab.sample:run", "generate text from a checkpoint"),
     "chat": Stage("serve.chat_app:ChatConfig", "serve.chat_app:run", "chat with a model in the browser (Gradio, on 127.0.0.1)"),
     "serve": Stage("serve.api:ServeConfig", "serve.api:run", "serve an OpenAI-compatible HTTP API (and optionally the chat app) on 127.0.0.1"),
+    "run": Stage("gptlab.pipeline:RunConfig", "gptlab.pipeline:run", "run the whole pipeline: pretrain, sft, reward, dpo (ppo), eval and the report card"),
     "report": Stage("gptlab.report:ReportConfig", "gptlab.report:run", "write the report card report.md of a run folder from its metrics"),
     "sweep": Stage("gptlab.sweep:SweepConfig", "gptlab.sweep:run", "run a grid of config overrides as separate runs and tabulate the results"),
     "plot": Stage("gptlab.plot:PlotConfig", "gptlab.plot:run", "plot loss curves and metrics from a sweep's results table"),

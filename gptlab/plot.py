@@ -6,7 +6,9 @@
 Writes PNG files (matplotlib, Agg backend) to `out_dir` (default: the sweep folder):
 
 - loss_curves.png: `curve_metric` of every run against `curve_x`, read from each run's
-  metrics.jsonl. Runs of one variant share a color, and each seed is its own line.
+  metrics.jsonl and optionally smoothed by a trailing moving average (`curve_smooth`).
+  Each variant of `group` has the color it has in the other figures, each value of x
+  (when x is swept) a line style, and each seed is its own line.
 - Y_vs_X.png for every metric Y of `y`: one line per variant (every combination of the
   `group` columns) and one point per value of `x`, at the mean over the seeds. Its error
   bars are one standard error of that mean, std / sqrt(n) with the sample std (n - 1),
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,7 @@ class PlotConfig:
     curves: bool = option(True, "also draw every run's curve from its metrics.jsonl (loss_curves.png)")
     curve_x: Literal["step", "tokens_seen", "elapsed_s"] = option("step", "x axis of the curves")
     curve_metric: str = option("loss", "metrics.jsonl field drawn as curves: loss (training) or val_loss")
+    curve_smooth: int = option(1, "trailing moving average over this many records of each curve, 1 for none")
 
     def problems(self) -> list[str]:
         found = []
@@ -56,6 +60,8 @@ class PlotConfig:
             found.append("results is required: a sweep folder or its results.csv / results.parquet")
         if not self.y:
             found.append("y must name at least one metric column, for example y=best_val_loss")
+        if self.curve_smooth < 1:
+            found.append(f"curve_smooth must be 1 (no smoothing) or more, got {self.curve_smooth}")
         return found
 
 
@@ -111,6 +117,20 @@ def default_group(table: Any, swept: list[str], x: str) -> list[str]:
     return group
 
 
+def variant_key(values: Any) -> tuple:
+    """Make a hashable key of a variant's values; NaN becomes None, because NaN != NaN."""
+    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in values)
+
+
+def variant_colors(table: Any, group: list[str]) -> dict[tuple, str]:
+    """Give every variant (a combination of the group columns' values) one color, the same in every figure."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    keys = sorted({variant_key(row) for row in table[group].itertuples(index=False)}, key=str)
+    return {key: colors[i % len(colors)] for i, key in enumerate(keys)}
+
+
 def variant_label(values: tuple, group: list[str]) -> str:
     return ", ".join(f"{column.rsplit('.', 1)[-1]}={value}" for column, value in zip(group, values)) or "all runs"
 
@@ -123,17 +143,29 @@ def file_name(text: str) -> str:
 # Figures
 
 
-def plot_curves(table: Any, group: list[str], metric: str, x: str, out_path: Path) -> Path | None:
-    """Draw `metric` against `x` from every run's metrics.jsonl; return the path, or None when no
-    run has that metric."""
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Average each value with the up to window - 1 values before it."""
+    totals = [0.0]
+    for value in values:
+        totals.append(totals[-1] + value)
+    return [(totals[i + 1] - totals[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
+
+
+def plot_curves(table: Any, group: list[str], style_columns: list[str], colors: dict[tuple, str],
+                cfg: PlotConfig, out_path: Path) -> Path | None:
+    """Draw `cfg.curve_metric` against `cfg.curve_x` from every run's metrics.jsonl, colored by
+    `group` and styled by `style_columns`; return the path, or None when no run has that metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric, x = cfg.curve_metric, cfg.curve_x
+    variant_columns = group + style_columns
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    variants: dict[tuple, str] = {}
+    styles = ["-", "--", ":", "-."]
+    style_of: dict[tuple, str] = {}
+    labelled: set[tuple] = set()
     drawn = 0
     for _, row in table.iterrows():
         path = Path(str(row.get("run_dir", ""))) / "metrics.jsonl"
@@ -143,19 +175,22 @@ def plot_curves(table: Any, group: list[str], metric: str, x: str, out_path: Pat
         points = [(r[x], r[metric]) for r in records if x in r and isinstance(r.get(metric), (int, float))]
         if not points:
             continue
-        key = tuple(row[c] for c in group)
-        first = key not in variants
-        if first:
-            variants[key] = colors[len(variants) % len(colors)]
-        ax.plot(*zip(*points), color=variants[key], linewidth=1, alpha=0.8,
-                marker="o" if len(points) < 20 else None, label=variant_label(key, group) if first else None)
+        xs, ys = zip(*points)
+        key = variant_key(row[c] for c in variant_columns)
+        style = style_of.setdefault(key[len(group):], styles[len(style_of) % len(styles)])
+        ax.plot(xs, moving_average(list(ys), cfg.curve_smooth), color=colors[key[:len(group)]], linestyle=style,
+                linewidth=1,
+                alpha=0.8, marker="o" if len(points) < 20 else None,
+                label=None if key in labelled else variant_label(key, variant_columns))
+        labelled.add(key)
         drawn += 1
     if drawn == 0:
         plt.close(fig)
         return None
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} of {drawn} runs")
+    smoothing = f", moving average of {cfg.curve_smooth} records" if cfg.curve_smooth > 1 else ""
+    ax.set_title(f"{metric} of {drawn} runs{smoothing}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -181,7 +216,8 @@ def summarize(table: Any, group: list[str], x: str, y: str, error: str) -> Any:
     return summary
 
 
-def plot_metric(table: Any, group: list[str], x: str, y: str, cfg: PlotConfig, out_path: Path) -> Path | None:
+def plot_metric(table: Any, group: list[str], x: str, y: str, colors: dict[tuple, str], cfg: PlotConfig,
+                out_path: Path) -> Path | None:
     """Draw `y` against `x`, one line per variant; return the path, or None when `y` has no values."""
     import matplotlib
 
@@ -197,11 +233,11 @@ def plot_metric(table: Any, group: list[str], x: str, y: str, cfg: PlotConfig, o
     fig, ax = plt.subplots(figsize=(7, 4.5))
     variants = summary.groupby(group, dropna=False, sort=True) if group else [((), summary)]
     for key, cells in variants:
-        key = key if isinstance(key, tuple) else (key,)
+        key = variant_key(key if isinstance(key, tuple) else (key,))
         cells = cells.sort_values(x)
         xs = cells[x].tolist() if numeric_x else [categories.index(v) for v in cells[x]]
         # Categories have no order, so their points are not joined by a line.
-        ax.errorbar(xs, cells["mean"], yerr=cells["error"].fillna(0.0), marker="o", capsize=3,
+        ax.errorbar(xs, cells["mean"], yerr=cells["error"].fillna(0.0), marker="o", capsize=3, color=colors[key],
                     linestyle="-" if numeric_x else "none", label=variant_label(key, group))
     if not numeric_x:
         ax.set_xticks(range(len(categories)), [str(c) for c in categories])
@@ -211,8 +247,10 @@ def plot_metric(table: Any, group: list[str], x: str, y: str, cfg: PlotConfig, o
         ax.set_yscale("log")
     seeds = int(summary["n"].max())
     bars = "standard error of the mean" if cfg.error == "stderr" else "sample standard deviation"
-    ax.set_title(f"{y} against {x}" + (f" (mean of up to {seeds} seeds, bars: {bars})" if seeds > 1 else ""),
-                 fontsize="medium")
+    title = f"{y} against {x}"
+    if seeds > 1:
+        title += f"\nmean of up to {seeds} seeds; error bars: one {bars}"
+    ax.set_title(title, fontsize="medium")
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
@@ -243,17 +281,18 @@ def run(cfg: PlotConfig) -> list[Path]:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else table_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    colors = variant_colors(table, group)
     written = []
     if cfg.curves and "run_dir" in table.columns:
-        curves = plot_curves(table, [c for c in swept if c != seed], cfg.curve_metric, cfg.curve_x,
-                             out_dir / "loss_curves.png")
+        style_columns = [x] if x in swept else []
+        curves = plot_curves(table, group, style_columns, colors, cfg, out_dir / "loss_curves.png")
         if curves is None:
             logger.warning("no run of %s has %r in its metrics.jsonl, so there are no curves", table_path,
                            cfg.curve_metric)
         else:
             written.append(curves)
     for y in cfg.y:
-        path = plot_metric(table, group, x, y, cfg, out_dir / f"{file_name(y)}_vs_{file_name(x)}.png")
+        path = plot_metric(table, group, x, y, colors, cfg, out_dir / f"{file_name(y)}_vs_{file_name(x)}.png")
         if path is None:
             logger.warning("column %r has no numeric values in %s; no figure for it", y, table_path)
         else:

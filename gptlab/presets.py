@@ -46,6 +46,34 @@ PRESETS: dict[str, dict[str, dict]] = {
                       "compile": True, "eval_interval": 500, "checkpoint_interval": 500},
         },
     },
+    # The stages after pretraining, sized to follow the pretrain preset of the same name.
+    "sft": {
+        "tiny": {"max_examples": 200, "eval_tokens": 24,
+                 "train": {"max_steps": 60, "eval_interval": 30, "checkpoint_interval": 30}},
+        "cpu": {"train": {"batch_size": 16, "max_steps": 100_000, "max_time": 600.0, "lr": 5e-4, "eval_interval": 200,
+                          "checkpoint_interval": 200}},
+    },
+    "reward": {
+        "tiny": {"data": {"max_pairs": 300}, "train": {"max_steps": 30, "eval_interval": 15, "checkpoint_interval": 30}},
+        "cpu": {"train": {"max_steps": 100_000, "max_time": 300.0, "eval_interval": 100}},
+    },
+    "dpo": {
+        "tiny": {"data": {"max_pairs": 300}, "train": {"max_steps": 30, "eval_interval": 15, "checkpoint_interval": 30}},
+        "cpu": {"train": {"max_steps": 100_000, "max_time": 300.0, "eval_interval": 100}},
+    },
+    "ppo": {
+        "tiny": {"prompts_per_step": 8, "max_new_tokens": 16, "train": {"max_steps": 4}},
+        "cpu": {"train": {"max_steps": 100}},
+    },
+    "eval": {
+        "tiny": {"limit": 16, "max_new_tokens": 32},
+        "cpu": {"limit": 500, "max_new_tokens": 128},
+    },
+    # The whole pipeline: `size` picks the preset of every stage above.
+    "run": {
+        "tiny": {"size": "tiny", "eval_tasks": ["lm", "arc_easy", "blimp", "chat"]},
+        "cpu": {"size": "cpu"},
+    },
 }
 
 

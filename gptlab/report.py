@@ -128,7 +128,8 @@ def sample_conversations(run_dir: Path, count: int) -> list[str]:
         return []
     lines = ["## Sample conversations", ""]
     for record in read_jsonl(replies[0])[:count]:
-        prompt = record.get("prompt") or record.get("instruction") or ""
+        messages = record.get("messages") or []
+        prompt = messages[-1]["content"] if messages else record.get("prompt") or record.get("instruction") or ""
         reply = record.get("reply") or record.get("output") or record.get("response") or ""
         lines += [f"**User:** {prompt.strip()}", "", f"**Assistant:** {reply.strip()}", ""]
     return lines

@@ -7,7 +7,8 @@ with DPO, IPO or conservative DPO, against the frozen starting policy as the ref
     gptlab dpo --policy runs/NAME/sft --lora_r 16 --train.lr 5e-4
 
 The chosen and the rejected conversations of a micro-batch run through the model in one
-forward pass. A sequence's log-probability sums the reply tokens only (the reply's
+forward pass, packed by default into rows no longer than the longest of them (see
+`rlhf.preference_data.collate_pairs`), which skips most of the padding. A sequence's log-probability sums the reply tokens only (the reply's
 content and its closing <|end|>), never the prompt or padding; IPO divides each sum by
 the reply's token count (see `rlhf.losses`). The reference log-probs of a batch are
 computed first, under no_grad, by a frozen copy of the starting policy, or, with LoRA,
@@ -84,6 +85,7 @@ class DPOConfig:
     beta: float = option(0.1, "strength of the pull toward the reference: the inverse temperature of DPO and cDPO, IPO's regularization tau")
     label_smoothing: float = option(0.0, "cdpo only: assumed probability that a preference label is flipped, in (0, 0.5)")
     disable_dropout: bool = option(True, "set the model's dropout to 0, so that policy and reference agree at the start")
+    pack: bool = option(True, "pack the sequences of a micro-batch into rows no longer than its longest, kept apart by a block-diagonal attention mask; false pads each to the longest")
     lora_r: int = option(0, "LoRA rank; 0 trains every weight. LoRA usually wants a higher train.lr, about 5e-4")
     lora_alpha: float = option(16.0, "LoRA alpha: the adapters' updates are scaled by lora_alpha / lora_r")
     lora_dropout: float = option(0.0, "dropout probability on the input of each LoRA adapter during training")
@@ -123,6 +125,17 @@ def disable_dropout(model: GPT) -> None:
             module.dropout = 0.0
 
 
+def batch_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (2B,) reply log-probs, summed per sequence, and the (2B,) reply token counts
+    of a micro-batch from `collate_pairs`, packed or not, already on the model's device."""
+    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["reply_mask"],
+                             position_ids=batch["position_ids"], segments=batch["segments"])
+
+
+def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 class Reference:
     """Sequence log-probs of the frozen starting policy.
 
@@ -146,16 +159,15 @@ class Reference:
         return sum(p.numel() for p in self.copy.parameters()) if self.copy is not None else 0
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
-        """(B,) log-probs summed over the masked tokens of each row."""
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Return the (2B,) reply log-probs of a micro-batch already on the model's device."""
         if self.copy is not None:
-            return sequence_logprobs(self.copy, input_ids, attention_mask, mask)[0]
+            return batch_logprobs(self.copy, batch)[0]
         was_training = self.policy.training
         self.policy.eval()
         try:
             with self.policy.disable_adapter():
-                return sequence_logprobs(self.policy, input_ids, attention_mask, mask)[0]
+                return batch_logprobs(self.policy, batch)[0]
         finally:
             self.policy.train(was_training)
 
@@ -171,11 +183,9 @@ def dpo_statistics(model: nn.Module, reference: Reference, loss_fn: Callable[...
     The sums hold every name of METRICS plus "kl_sum" and "chosen_tokens", the two parts
     of kl/chosen_per_token.
     """
-    device = next(model.parameters()).device
-    ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    mask = batch["reply_mask"].to(device)
-    reference_sums = reference(ids, attention_mask, mask)  # (2B,), no gradient
-    policy_sums, counts = sequence_logprobs(model, ids, attention_mask, mask)
+    batch = batch_to(batch, next(model.parameters()).device)
+    reference_sums = reference(batch)  # (2B,), no gradient
+    policy_sums, counts = batch_logprobs(model, batch)
     policy, ref = policy_sums, reference_sums
     if average:
         policy, ref = policy_sums / counts.clamp(min=1), reference_sums / counts.clamp(min=1)
@@ -309,8 +319,8 @@ def train(cfg: DPOConfig) -> dict:
                 f", label_smoothing {cfg.label_smoothing}" if cfg.loss == "cdpo" else "")
 
     batches = PairBatches(data.train, cfg.train.batch_size, cfg.data.seed, rank=distributed.rank(),
-                          world_size=distributed.world_size())
-    heldout = PairBatches(data.heldout, cfg.train.batch_size, cfg.data.seed) if data.heldout else None
+                          world_size=distributed.world_size(), pack=cfg.pack)
+    heldout = PairBatches(data.heldout, cfg.train.batch_size, cfg.data.seed, pack=cfg.pack) if data.heldout else None
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")

@@ -174,8 +174,9 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability of each masked token given the tokens before it.
+                   mask: torch.Tensor, temperature: float = 1.0, *,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Compute the log-probability of each masked token given the tokens before it.
 
     The model runs once over the rows. Its output layer is applied only to the
     hidden state before each masked token, so unmasked positions cost no logits.
@@ -186,10 +187,12 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         model: a GPT, or one wrapped by DDP, torch.compile or peft (its forward runs
             through the wrapper, so LoRA adapters and gradient sync apply).
         input_ids: (B, T) token ids.
-        attention_mask: (B, T), 1 for real tokens and 0 for padding, or None.
+        attention_mask: (B, T), 1 for real tokens and 0 for padding; a boolean
+            (B, 1, T, T) mask for packed rows; or None.
         mask: (B, T) bool, True on the tokens to score; position 0 must be False
             because no token precedes it.
         temperature: the logits are divided by it (PPO samples at a temperature).
+        position_ids: (B, T) positions, needed with a packed (4-D) attention_mask.
 
     Returns:
         (B, T) float32: log p(input_ids[b, t] | input_ids[b, :t]) where mask is True, 0 elsewhere.
@@ -198,7 +201,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     if mask[:, 0].any():
         raise ValueError("mask marks position 0, which has no earlier token to predict it from; shift the mask "
                          "so it marks tokens 1..T-1")
-    out = model(input_ids, attention_mask=attention_mask, return_hidden=True, compute_logits=False)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True,
+                compute_logits=False)
     rows, cols = mask.nonzero(as_tuple=True)
     hidden = out.hidden[rows, cols - 1]  # (N, C): the state that predicts each scored token
     logits = unwrap_gpt(model).lm_head(hidden)  # (N, V)
@@ -209,16 +213,34 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      mask: torch.Tensor, *, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum (or per-token mean) of the log-probabilities of each row's masked tokens.
+                      mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (or per-token mean) the log-probabilities of the masked tokens of each sequence.
 
     Args: as `token_logprobs`; mask usually marks a reply, never the prompt or padding.
-        average: divide each sum by its row's number of masked tokens (at least 1).
+        segments: for packed rows, (B, T) the index of the sequence each token belongs
+            to (-1 on padding); None when each row is one sequence.
+        average: divide each sum by its sequence's number of masked tokens (at least 1).
 
     Returns:
-        ((B,) float32 log-probabilities, (B,) number of masked tokens per row).
+        ((S,) float32 log-probabilities, (S,) number of masked tokens), one per row, or
+        with segments one per sequence index 0..S-1.
+
+    Raises:
+        ValueError: a masked token is the first token of its segment, so nothing of its
+            own sequence precedes it.
     """
-    per_token = token_logprobs(model, input_ids, attention_mask, mask)
-    counts = mask.sum(-1)
-    logps = per_token.sum(-1)
+    mask = mask.bool()
+    per_token = token_logprobs(model, input_ids, attention_mask, mask, position_ids=position_ids)
+    if segments is None:
+        logps, counts = per_token.sum(-1), mask.sum(-1)
+    else:
+        if (mask[:, 1:] & (segments[:, 1:] != segments[:, :-1])).any():
+            raise ValueError("mask marks the first token of a packed sequence, which only the previous sequence "
+                             "precedes; mask tokens after the first of each sequence")
+        index = segments[mask]  # (N,) sequence of each scored token
+        n_sequences = int(segments.max()) + 1
+        logps = per_token.new_zeros(n_sequences).index_add(0, index, per_token[mask])
+        counts = torch.zeros(n_sequences, dtype=torch.long, device=mask.device).index_add(
+            0, index, torch.ones_like(index))
     return (logps / counts.clamp(min=1) if average else logps), counts

@@ -8,8 +8,8 @@ Each step samples replies to a batch of prompts with the shared generation engin
 penalty), so the sampling distribution is softmax(logits / temperature). The
 log-probabilities used in training are recomputed with one forward pass at that
 temperature, and a test checks that they equal the sampler's. A reply is scored once
-at its end: by the reward model (`rlhf.reward`), on the conversation rendered with the
-reply closed by <|end|>, or by the rule of a built-in task (`rlhf.tasks`). The
+at its end: by the reward model (`rlhf.reward`), on the conversation as the chat
+template renders it, or by the rule of a built-in task (`rlhf.tasks`). The
 reference is the frozen starting policy; with LoRA it is the policy with its adapters
 disabled, so no second copy is kept.
 
@@ -22,14 +22,15 @@ Estimation", eq. 16) over the reply tokens only: the end of a reply is terminal,
 padding after it gets no advantage and no value loss. The value head is
 nn.Linear(n_embd, 1) on the policy's final hidden states, so policy and critic share
 the trunk and the value loss (weighted by vf_coef) also trains it. Value predictions
-are clipped around the rollout's values, as OpenAI's baselines and TRL do. kl_coef
-is fixed, or adapted toward kl_target (Ziegler et al. 2019, section 2.2).
+are clipped around the rollout's values, as OpenAI baselines' ppo2 does. kl_coef is
+fixed, or adapted toward kl_target (Ziegler et al. 2019, section 2.2).
 
-GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3 and 4): group_size replies per prompt,
-advantage (r - mean of the group) / (std of the group + eps) on every token of a reply,
-no value head, the same clipped objective, and kl_coef times the k3 estimator
-pi_ref/pi - log(pi_ref/pi) - 1 in the loss. The loss averages over each reply's
-tokens, then over replies, as eq. 3 does; PPO's averages over all tokens.
+GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3 and 4) samples group_size replies per
+prompt and gives every token of a reply the advantage (r - mean of the group) / (std
+of the group + eps). It has no value head. Its loss is the same clipped objective
+plus kl_coef times the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1, averaged over each
+reply's tokens and then over replies, as eq. 3 does. PPO's loss averages over all
+tokens of the minibatch.
 
 A step is one rollout followed by ppo_epochs passes over it in minibatches of
 train.batch_size * train.grad_accum replies, one optimizer step per minibatch. The
@@ -80,7 +81,7 @@ logger = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_DIR = "adapter"
-GRPO_EPS = 1e-4  # added to the group's reward std; DeepSeekMath leaves it unstated
+GRPO_EPS = 1e-4  # added to the group's reward std, as TRL's GRPOTrainer does; DeepSeekMath states no value
 
 
 def ppo_train_defaults() -> TrainConfig:
@@ -203,8 +204,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def group_advantages(scores: torch.Tensor, group_size: int, eps: float = GRPO_EPS) -> torch.Tensor:
     """GRPO's advantages (r - mean) / (std + eps) within consecutive groups of `group_size` scores.
 
-    The std is the sample standard deviation (divisor G - 1), as TRL's GRPOTrainer uses.
-    A group whose scores are all equal gets advantages 0.
+    The std is the sample standard deviation (divisor G - 1), as in TRL's GRPOTrainer
+    (torch.std). A group whose scores are all equal gets advantages 0.
 
     Args:
         scores: (N,) with N a multiple of group_size; rows n*G .. n*G+G-1 share a prompt.
@@ -242,7 +243,7 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token value loss 0.5 max((V - R)^2, (V_clip - R)^2), with V_clip = V_old + clip(V - V_old,
-    -clip, clip), as OpenAI baselines' ppo2 and TRL compute it.
+    -clip, clip), as in OpenAI baselines (baselines/ppo2/model.py).
 
     Returns:
         ((B, R) losses, (B, R) float: 1 where the clipped error was the larger one).
@@ -429,7 +430,7 @@ def collect_rollout(model: PolicyWithValueHead, reference: nn.Module | None, tok
 
 def chunk_loss(model: PolicyWithValueHead, rollout: Rollout, rows: torch.Tensor, cfg: PPOConfig, vocab_limit: int,
                normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of some rows of a minibatch, already divided by the minibatch's `normalizer`
+    """Compute the loss of some rows of a minibatch, divided by the minibatch's `normalizer`
     (its reply tokens for ppo, its replies for grpo), and sums of per-token statistics."""
     mask = rollout.mask[rows]
     out = reply_forward(model.gpt, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_width,
@@ -525,7 +526,7 @@ class DataPrompts:
         for conversation in conversations:
             last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
             if not any(m["role"] == "user" for m in conversation[:last]):
-                continue  # nothing to answer
+                continue  # no user message to reply to
             ids = render_prompt(tokenizer, conversation[:last])
             if len(ids) > max_prompt_tokens:
                 too_long += 1
@@ -552,15 +553,18 @@ def task_scorer(task) -> Scorer:
 
 
 def reward_model_scorer(reward_model: nn.Module, tokenizer: Tokenizer) -> Scorer:
-    """Score each reply as the reward model saw replies in training: the prompt, the reply
-    without its stop token, then <|end|>."""
+    """Score each reply as the chat template renders it: the prompt, then the reply closed by
+    <|end|> in place of the stop token it ended with. A reply cut at max_new_tokens stays
+    open, like the cut replies the reward model was trained on."""
     end = tokenizer.special_id(END_OF_TURN)
 
     def score(prompts: list[Prompt], completions: list[Completion]) -> torch.Tensor:
         rows = []
         for prompt, completion in zip(prompts, completions):
-            reply = completion.tokens[:-1] if completion.finish_reason == "stop" else completion.tokens
-            rows.append(prompt.ids + reply + [end])
+            if completion.finish_reason == "stop":
+                rows.append(prompt.ids + completion.tokens[:-1] + [end])
+            else:
+                rows.append(prompt.ids + completion.tokens)
         return reward_model.score(rows)
     return score
 

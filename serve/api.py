@@ -25,7 +25,7 @@ block_size is accepted and the reply ends there with finish_reason "length" (Ope
 rejects it). `top_p` 0 means greedy decoding. `top_k` and `repetition_penalty` are
 accepted as extra fields. Logprobs, tools, response formats other than text, and
 presence or frequency penalties other than 0 are rejected with HTTP 400. A request
-naming another model gets 404 `model_not_found`, as OpenAI answers.
+naming another model gets 404 `model_not_found`, as OpenAI does.
 
 Security: the server listens on 127.0.0.1 unless `host` says otherwise. `api_key`
 protects /v1 only: the chat page mounted at /ui by `--ui` has no login.
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -84,7 +85,7 @@ class ServeConfig:
     model_name: str | None = option(None, "model id shown by /v1/models and expected in requests; none uses the checkpoint path as given")
     ui: bool = option(False, "also serve the Gradio chat page at /ui, in the same process (without a login, even with api_key)")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device to run on: auto picks cuda when available, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "weight and compute dtype: auto is float32 on a CPU (where bfloat16 decoding measured slower) and bfloat16 on a GPU that supports it")
+    dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "weight, KV-cache and compute dtype: auto is float32 on a CPU and bfloat16 on a GPU that supports it")
     max_batch_size: int = option(16, "maximum number of sequences decoded at once, over all running batches; a request needs n rows per prompt and waits until they fit")
     batch_wait_ms: float = option(5.0, "milliseconds an idle worker waits after the first request arrives, so that requests sent together start as one batch")
 
@@ -141,7 +142,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
         location = [str(part) for part in error["loc"] if part != "body"]
         name = ".".join(location) or "body"
         if error["type"] == "extra_forbidden":
-            parts.append(f"unsupported parameter '{name}': this server does not implement it")
+            parts.append(f"unknown parameter '{name}': this server does not know or implement it")
         elif error["type"] == "missing":
             parts.append(f"missing required parameter '{name}'")
         elif error["type"].startswith("json_"):
@@ -153,6 +154,37 @@ def validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "type": "invalid"}
     param = ".".join(str(part) for part in first["loc"] if part != "body") or None
     return APIError(400, "; ".join(parts) or "invalid request", param=param, code=_validation_code(first["type"]))
+
+
+class _UnexpectedErrors:
+    """ASGI middleware that logs an unexpected exception and returns 500 with an OpenAI error body.
+
+    A FastAPI handler for `Exception` would return the same response, but Starlette then
+    re-raises the exception and uvicorn closes the connection under the client.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.exception("unexpected error in %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            error = APIError(500, f"internal server error: {type(exc).__name__}: {exc}", kind="server_error")
+            await error.response()(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +229,7 @@ class SamplingRequest(_Strict):
     n: int | None = Field(None, ge=1, le=128)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # the range torch.Generator.manual_seed takes
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     top_k: int | None = Field(None, ge=0)
@@ -287,7 +319,6 @@ class _Batch:
     """One running `generate_steps` iterator and the jobs whose rows it decodes."""
 
     def __init__(self, jobs: list[Job], steps) -> None:
-        self.jobs = jobs
         self.steps = steps
         self.owners = [(job, index) for job in jobs for index in range(len(job.prompts))]
         self.open_rows = {job: len(job.prompts) for job in jobs}  # unfinished rows of unfinished jobs
@@ -331,7 +362,7 @@ class BatchWorker:
         self._thread: threading.Thread | None = None
         # Written by the worker thread after every round, read by anyone.
         self.active_rows = 0  # rows still decoding, including those of cancelled jobs that share a batch
-        self.peak_rows = 0  # the most rows decoded at once so far
+        self.peak_rows = 0  # maximum number of rows decoded at once so far
 
     @property
     def queued_jobs(self) -> int:
@@ -420,7 +451,7 @@ class BatchWorker:
             return
         try:
             more = batch.advance()
-        except Exception as error:  # noqa: BLE001 - any failure of one batch must not stop the worker
+        except Exception as error:  # a failure of one batch, even a bug, must not stop the worker
             ids = [job.request_id for job in batch.open_rows]
             logger.exception("generation failed for requests %s", ids)
             batch.fail(APIError(500, f"generation failed: {type(error).__name__}: {error}", kind="server_error"))
@@ -505,7 +536,7 @@ class _Generation:
                     sum(c.n_tokens for c in self.choices), time.perf_counter() - self.start, outcome)
 
     async def complete(self) -> Response:
-        """Run the job and return the whole answer; cancel it if the client goes away."""
+        """Run the job and return the whole response; cancel the job if the client disconnects."""
         self.worker.submit(self.job)
         try:
             while self._open():
@@ -534,7 +565,11 @@ class _Generation:
 
     def _chunk(self, index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            delta = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text:
+                delta = {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
@@ -549,6 +584,7 @@ class _Generation:
             return _sse(chunk)
 
         self.worker.submit(self.job)
+        failed = False
         try:
             if self.chat:
                 for index in range(len(self.choices)):
@@ -557,6 +593,7 @@ class _Generation:
                 out = await self.queue.get()
                 if isinstance(out, APIError):
                     self._log(f"failed: {out.message}")
+                    failed = True
                     yield _sse(out.body())
                     return
                 self._record(out)
@@ -571,7 +608,7 @@ class _Generation:
             yield _sse("[DONE]")
             self._log("finish " + ",".join(c.finish_reason for c in self.choices))
         finally:
-            if self._open():
+            if self._open() and not failed:
                 self._log("client disconnected")
             self.worker.cancel(self.job)
 
@@ -604,22 +641,24 @@ def create_app(model: GPT, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="gptlab API", lifespan=lifespan)
     app.state.worker = worker
 
+    def reject(request: Request, error: APIError) -> JSONResponse:
+        logger.info("%s %s: %d %s", request.method, request.url.path, error.status, error.message)
+        return error.response()
+
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return reject(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return reject(request, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found").response()
+        code = "not_found" if exc.status_code == 404 else None
+        return reject(request, APIError(exc.status_code, str(exc.detail), code=code))
 
-    @app.exception_handler(Exception)
-    async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises the exception after this response, and uvicorn logs its traceback.
-        return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", kind="server_error").response()
+    app.add_middleware(_UnexpectedErrors)
 
     def check_api_key(request: Request) -> None:
         if expected_auth is None:
@@ -721,9 +760,11 @@ def completion_prompts(prompt: str | list, tokenizer: Tokenizer, vocab_size: int
         if isinstance(item, str):
             prompts.append([tokenizer.eot_id] + tokenizer.encode(item))
             continue
+        if not item:
+            raise APIError(400, f"prompt {index} is an empty list of token ids", param="prompt")
         bad = [t for t in item if not 0 <= t < vocab_size]
-        if not item or bad:
-            raise APIError(400, f"prompt {index} {'is empty' if not item else f'has token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}'}",
+        if bad:
+            raise APIError(400, f"prompt {index} has token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}",
                            param="prompt")
         prompts.append(list(item))
     return prompts
@@ -736,7 +777,9 @@ def completion_prompts(prompt: str | list, tokenizer: Tokenizer, vocab_size: int
 def serving_dtype(name: str, device: torch.device) -> torch.dtype:
     """Resolve the dtype setting: "auto" is float32 on a CPU and bfloat16 where a GPU supports it."""
     if name == "auto" and device.type == "cpu":
-        return torch.float32  # bfloat16 decoding of small models measured slower here; see docs/serving.md
+        # bfloat16 weights decoded at most 8% faster than float32 in benchmarks/bench_generate.py on a
+        # 2-core EPYC, and they change greedy outputs; docs/serving.md has the table.
+        return torch.float32
     return resolve_dtype(name, device)
 
 
@@ -748,8 +791,6 @@ def run(cfg: ServeConfig) -> None:
         ValueError: the tokenizer or the adapter does not fit the model.
         NotImplementedError: the adapter uses a PEFT feature other than plain LoRA.
     """
-    import uvicorn
-
     # serve.chat_app imports Gradio, which takes seconds; it also has the loader the chat page uses.
     from serve.chat_app import ChatConfig, build_app, load_chat_model
 
@@ -771,8 +812,8 @@ def run(cfg: ServeConfig) -> None:
     sock = server.config.bind_socket()
     host, port = sock.getsockname()[:2]
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    logger.info("serving %s in %s at %s/v1%s%s", cfg.model_name or cfg.checkpoint, str(dtype).removeprefix("torch."), base, f", chat page at {base}/ui" if cfg.ui else "",
-                ", requests need the API key" if api_key else "")
+    logger.info("serving %s in %s at %s/v1%s%s", cfg.model_name or cfg.checkpoint, str(dtype).removeprefix("torch."),
+                base, f", chat page at {base}/ui" if cfg.ui else "", ", requests need the API key" if api_key else "")
     if cfg.host not in LOCAL_HOSTS:
         logger.warning("listening on %s: anyone who can reach this address can use the model%s", cfg.host,
                        "" if api_key else ", and no API key is set")

@@ -87,7 +87,8 @@ def serving(model: GPT, tokenizer: Tokenizer, **settings) -> Iterator[tuple[str,
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        assert thread.is_alive(), "the test server thread ended before it started serving"
+        assert time.monotonic() < deadline, "the test server did not start within 20 s"
         time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
@@ -384,6 +385,20 @@ def test_unknown_model_gets_404(client):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
 
 
+def test_unexpected_error_gets_500(client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr("serve.api.completion_prompts", broken)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=2)
+    monkeypatch.undo()
+    assert info.value.status_code == 500
+    assert info.value.body["type"] == "server_error"
+    assert "simulated bug" in info.value.body["message"]
+    assert client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_api_key_required(model, tokenizer):
     with serving(model, tokenizer, api_key="sesame") as (url, _):
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
@@ -528,9 +543,13 @@ def test_serve_command_with_ui(tmp_path, tokenizer):
                 assert time.monotonic() < deadline, "gptlab serve did not accept connections"
                 time.sleep(0.1)
         page = httpx.get(f"{url}/ui/", timeout=30, follow_redirects=True)
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                           json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
     finally:
         process.terminate()
         process.wait(timeout=30)
     assert models.json()["data"][0]["id"] == MODEL
     assert page.status_code == 200
     assert "<html" in page.text.lower()
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")

@@ -24,7 +24,7 @@ from gpt.model import GPT, ModelConfig
 from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer
 from gptlab.cli import main
-from rlhf.dpo import DPOConfig, Reference, disable_dropout, make_loss_fn
+from rlhf.dpo import DPOConfig, Reference, batch_logprobs, disable_dropout, make_loss_fn
 from rlhf.losses import (
     cdpo_loss,
     dpo_loss,
@@ -33,7 +33,7 @@ from rlhf.losses import (
     sequence_logprobs,
     token_logprobs,
 )
-from rlhf.preference_data import PairBatches, collate_pairs, load_pairs, tokenize_pairs
+from rlhf.preference_data import PairBatches, PreferencePair, collate_pairs, load_pairs, tokenize_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("GPTLAB_DATA_DIR")
@@ -273,6 +273,36 @@ def test_logprobs_ignore_padding(batch, layout):
     torch.testing.assert_close(left, plain, atol=1e-5, rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def packable(tokenizer, pairs_file) -> list:
+    """The test pairs and one long pair, which makes rows long enough to hold several short sequences."""
+    pairs, _ = load_pairs(str(pairs_file))
+    pairs.append(PreferencePair([{"role": "user", "content": "Tell me a story."}], "Once upon a time " * 8, "No."))
+    return tokenize_pairs(tokenizer, pairs, BLOCK)[0]
+
+
+@pytest.mark.parametrize("layout", ["gpt2", "llama"])
+def test_packed_logprobs_match_unpacked(packable, layout):
+    tokenized = packable
+    packed, unpacked = collate_pairs(tokenized, pack=True), collate_pairs(tokenized)
+    assert packed["input_ids"].size(0) < unpacked["input_ids"].size(0) / 2
+    model = tiny_gpt(layout).eval()
+    with torch.no_grad():
+        ours = batch_logprobs(model, packed)
+        plain = batch_logprobs(model, unpacked)
+    torch.testing.assert_close(ours[0], plain[0], atol=1e-5, rtol=1e-6)
+    assert torch.equal(ours[1], plain[1])
+
+
+def test_packed_first_token_rejected(packable):
+    batch = collate_pairs(packable, pack=True)
+    mask = batch["reply_mask"] | (batch["position_ids"] == 0) & (batch["segments"] >= 0)
+    mask[:, 0] = False
+    with pytest.raises(ValueError, match="mask marks the first token of a packed sequence"):
+        sequence_logprobs(tiny_gpt(), batch["input_ids"], batch["attention_mask"], mask,
+                          position_ids=batch["position_ids"], segments=batch["segments"])
+
+
 def test_mask_at_position_zero_rejected(batch):
     mask = batch["reply_mask"].clone()
     mask[:, 0] = True
@@ -284,8 +314,10 @@ def test_mask_at_position_zero_rejected(batch):
 # The stage's pieces
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_first_loss_is_ln2(batch, lora):
+@pytest.mark.parametrize("lora, pack", [(False, False), (True, False), (False, True)])
+def test_first_loss_is_ln2(tokenizer, pairs_file, lora, pack):
+    pairs, _ = load_pairs(str(pairs_file))
+    batch = collate_pairs(tokenize_pairs(tokenizer, pairs, BLOCK)[0], pack=pack)
     model = tiny_gpt()
     if lora:
         model = add_lora(model, r=4, alpha=8, dropout=0.0, targets="all")
@@ -328,7 +360,7 @@ def test_every_trainable_parameter_changes(tokenizer, pairs_file, tmp_path, loss
     hooks = Hooks(loss_fn=make_loss_fn(reference, loss_fn, 0.1, average=loss == "ipo"))
     cfg = TrainConfig(batch_size=4, max_steps=3, lr=1e-2, warmup_steps=0, device="cpu", dtype="float32",
                       eval_interval=0, checkpoint_interval=100)
-    summary = Trainer(model, cfg, tmp_path, PairBatches(tokenized, 4, seed=0), hooks).run()
+    summary = Trainer(model, cfg, tmp_path, PairBatches(tokenized, 4, seed=0, pack=True), hooks).run()
     unchanged = [name for name, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[name])]
     assert unchanged == []
     assert summary["steps"] == 3

@@ -25,6 +25,7 @@ from rlhf.preference_data import (
     collate_pairs,
     fit_pair,
     load_pairs,
+    pack_sequences,
     parse_hh_transcript,
     split_heldout,
     tokenize_pairs,
@@ -307,6 +308,33 @@ def test_collate(tokenizer):
         assert batch["attention_mask"][i].tolist() == [1] * len(row) + [0] * (T - len(row))
         assert batch["reply_mask"][i].tolist() == [False] * prompt_len + [True] * (len(row) - prompt_len) + [False] * (T - len(row))
     assert (batch["n_pairs"], batch["n_tokens"]) == (2, sum(len(r) for r in rows))
+
+
+def test_pack_sequences_best_fit():
+    rows = pack_sequences([10, 4, 7, 3, 6], 10)
+    assert rows == [[0], [2, 3], [4, 1]]
+
+
+def test_collate_packed(tokenizer):
+    pairs = [PreferencePair([user("2+2?")], "Four, as anyone can count.", "Five, I think."),
+             PreferencePair([user("Hi")], "Hello.", "Go.")]
+    tokenized, _ = tokenize_pairs(tokenizer, pairs, 64)
+    batch = collate_pairs(tokenized, pack=True)
+    sequences = [t.prompt + t.chosen for t in tokenized] + [t.prompt + t.rejected for t in tokenized]
+    assert batch["input_ids"].size(0) < 4
+    assert batch["input_ids"].size(1) == max(len(s) for s in sequences)
+    for index, sequence in enumerate(sequences):
+        where = batch["segments"] == index
+        assert batch["input_ids"][where].tolist() == sequence
+        assert batch["position_ids"][where].tolist() == list(range(len(sequence)))
+        assert batch["reply_mask"][where].tolist() == [False] * len(tokenized[index % 2].prompt) + [True] * (
+            len(sequence) - len(tokenized[index % 2].prompt))
+    allowed = batch["attention_mask"][:, 0]  # (R, T, T)
+    segments = batch["segments"]
+    real = segments >= 0
+    crosses = allowed & (segments[:, :, None] != segments[:, None, :]) & real[:, :, None]
+    assert not crosses.any()
+    assert batch["n_tokens"] == sum(len(s) for s in sequences)
 
 
 def test_batches_resume(tokenizer):

@@ -1,0 +1,105 @@
+"""`gptlab run`: the whole pipeline, from raw text to an aligned chat model and its report card.
+
+The stages run in order, each reading the folder of the one before it:
+
+    pretrain -> sft -> reward -> dpo [-> ppo] -> eval -> report.md
+
+Each stage gets the preset named by `size` (when the stage defines one), then the
+run's own overrides. A stage whose folder holds the completion marker written
+after it finished is skipped; a stage that was interrupted resumes from its
+resume state. So running the same command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt.config import build_config, option
+from gpt.files import atomic_write_text
+from gptlab.cli import STAGES, import_object
+from gptlab.presets import PRESETS
+
+logger = logging.getLogger(__name__)
+
+DONE_FILE = "stage_done.json"
+RESUME_FILE = "train_state.pt"
+
+
+@dataclass
+class RunConfig:
+    """Configuration of `gptlab run`."""
+
+    out_dir: str = option("runs/default", "run folder; each stage writes its own subfolder and report.md goes here")
+    size: str = option("cpu", "preset applied to every stage that defines one: tiny (minutes, for tests), cpu (the default), or a GPU preset")
+    ppo: bool = option(False, "add a PPO stage against the reward model after DPO; the evaluated model is then the PPO one")
+    eval_tasks: list[str] = option(["lm", "arc_easy", "blimp", "lambada", "chat"], "tasks of the eval stage (see gptlab eval --help)")
+    eval_limit: int | None = option(None, "maximum examples per evaluation task; none for all")
+    pretrain: dict[str, str] = option({}, "extra settings of the pretrain stage as YAML, for example '{model.n_layer: 4}'")
+    sft: dict[str, str] = option({}, "extra settings of the sft stage as YAML")
+    reward: dict[str, str] = option({}, "extra settings of the reward stage as YAML")
+    dpo: dict[str, str] = option({}, "extra settings of the dpo stage as YAML")
+    ppo_settings: dict[str, str] = option({}, "extra settings of the ppo stage as YAML")
+    eval: dict[str, str] = option({}, "extra settings of the eval stage as YAML")
+
+    def problems(self) -> list[str]:
+        return [] if self.out_dir else ["out_dir must be a folder path, got an empty string"]
+
+
+def stage_plan(cfg: RunConfig) -> list[tuple[str, str, dict]]:
+    """The stages to run as (stage name, output folder, settings), in order."""
+    run = Path(cfg.out_dir)
+    policy = run / "dpo"
+    plan = [
+        ("pretrain", str(run / "pretrain"), {"out_dir": str(run), **cfg.pretrain}),
+        ("sft", str(run / "sft"), {"base": str(run / "pretrain"), "out_dir": str(run / "sft"), **cfg.sft}),
+        ("reward", str(run / "reward"), {"base": str(run / "sft"), "out_dir": str(run / "reward"), **cfg.reward}),
+        ("dpo", str(run / "dpo"), {"policy": str(run / "sft"), "out_dir": str(run / "dpo"), **cfg.dpo}),
+    ]
+    if cfg.ppo:
+        plan.append(("ppo", str(run / "ppo"), {"policy": str(run / "dpo"), "reward": str(run / "reward"),
+                                              "out_dir": str(run / "ppo"), **cfg.ppo_settings}))
+        policy = run / "ppo"
+    eval_settings = {"checkpoint": str(policy), "out_dir": str(run / "eval"), "tasks": cfg.eval_tasks,
+                     "reward": str(run / "reward"), "compare": str(run / "sft"), **cfg.eval}
+    if cfg.eval_limit is not None:
+        eval_settings.setdefault("limit", cfg.eval_limit)
+    plan.append(("eval", str(run / "eval"), eval_settings))
+    return plan
+
+
+def run_stage(stage: str, folder: Path, settings: dict, size: str) -> None:
+    """Build the stage's config from its preset and `settings`, then run it, resuming when it
+    left a resume state behind."""
+    spec = STAGES[stage]
+    config_cls = import_object(spec.config)
+    presets = [(f"{stage} preset {size}", PRESETS[stage][size])] if size in PRESETS.get(stage, {}) else []
+    overrides = dict(settings)
+    if (folder / RESUME_FILE).exists():
+        overrides["train.resume"] = True
+        logger.info("%s: resuming from %s", stage, folder / RESUME_FILE)
+    config = build_config(config_cls, presets=presets, overrides=overrides)
+    started = time.time()
+    import_object(spec.run)(config)
+    atomic_write_text(folder / DONE_FILE, json.dumps({"stage": stage, "seconds": time.time() - started}) + "\n")
+
+
+def run(cfg: RunConfig) -> Path:
+    """The `run` stage: every stage not yet done, then the report card."""
+    from gptlab.report import ReportConfig
+    from gptlab.report import run as write_report
+
+    for stage, folder, settings in stage_plan(cfg):
+        folder = Path(folder)
+        if (folder / DONE_FILE).exists():
+            logger.info("%s: done earlier (%s), skipped", stage, folder / DONE_FILE)
+            continue
+        logger.info("%s: starting, writes %s", stage, folder)
+        run_stage(stage, folder, settings, cfg.size)
+    report = write_report(ReportConfig(run_dir=cfg.out_dir))
+    logger.info("report card: %s; chat with: gptlab chat --checkpoint %s", report,
+                Path(cfg.out_dir) / ("ppo" if cfg.ppo else "dpo"))
+    return report
