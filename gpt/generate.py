@@ -385,13 +385,10 @@ class _Batch:
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
         """Run the prompts through the model; return the (B, V) logits of their last tokens."""
-        # All but the last column first, without the output layer, so that no (B, P, V)
-        # logits tensor is ever built for a long prompt.
+        # One pass over the prompts; logits of the last column only, so that no (B, P, V)
+        # tensor is built for a long prompt.
         with autocast(self.device, self.amp_dtype):
-            if self.idx.size(1) > 1:
-                self.model(self.idx[:, :-1], attention_mask=self.attention_mask[:, :-1],
-                           kv_cache=self.cache, compute_logits=False)
-            out = self.model(self.idx[:, -1:], attention_mask=self.attention_mask, kv_cache=self.cache)
+            out = self.model(self.idx, attention_mask=self.attention_mask, kv_cache=self.cache, logits_to_keep=1)
         return self._mask_vocab(out.logits[:, -1])
 
     @torch.inference_mode()

@@ -137,6 +137,7 @@ class KVCache:
         self.mask = torch.zeros(batch_size, max_length, device=device, dtype=torch.bool)
         self.length = 0
         self.max_length = max_length
+        self.padded = False  # whether any cached position came with an attention mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (B, K, T, D) keys and values of `layer`; return all keys and values so far.
@@ -226,7 +227,8 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head,
         )
         y = y.transpose(1, 2).reshape(B, T, C)
-        return F.dropout(self.o_proj(y), self.dropout, self.training)
+        y = self.o_proj(y)
+        return F.dropout(y, self.dropout, True) if self.training and self.dropout else y
 
 
 class MLP(nn.Module):
@@ -245,7 +247,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")
-        return F.dropout(self.down_proj(h), self.dropout, self.training)
+        h = self.down_proj(h)
+        return F.dropout(h, self.dropout, True) if self.training and self.dropout else h
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -341,6 +344,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
         compute_logits: bool = True,
+        logits_to_keep: int = 0,
         loss_reduction: Literal["mean", "sum"] = "mean",
     ) -> GPTOutput:
         """Run the model on token ids.
@@ -356,6 +360,8 @@ class GPT(nn.Module):
             kv_cache: cache to read earlier keys from and append the new ones to.
             return_hidden: also return the final hidden states (B, T, C).
             compute_logits: skip the output layer when False (reward and value heads).
+            logits_to_keep: when above 0, compute logits for the last `logits_to_keep`
+                positions only (a generation prefill needs one); ignored with targets.
             loss_reduction: "mean" over target tokens, or "sum" for accumulation by token count.
 
         Returns:
@@ -382,7 +388,8 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
-        x = F.dropout(x, self.config.dropout, self.training)
+        if self.training and self.config.dropout:
+            x = F.dropout(x, self.config.dropout, True)
         rope = None
         if self.config.pos_encoding == "rope":
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
@@ -392,7 +399,12 @@ class GPT(nn.Module):
             kv_cache.length += T
         hidden = self.norm_f(x)
 
-        logits = self.lm_head(hidden) if compute_logits or targets is not None else None
+        if targets is not None or (compute_logits and not logits_to_keep):
+            logits = self.lm_head(hidden)
+        elif compute_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:])
+        else:
+            logits = None
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
@@ -411,7 +423,7 @@ class GPT(nn.Module):
         elif attention_mask is not None:
             new_mask = attention_mask[:, -T:].bool()
             key_mask = new_mask if kv_cache is None else torch.cat([kv_cache.mask[:, :past], new_mask], dim=1)
-        elif kv_cache is not None and past > 0 and not bool(kv_cache.mask[:, :past].all()):
+        elif kv_cache is not None and past > 0 and kv_cache.padded:
             key_mask = torch.cat([kv_cache.mask[:, :past], idx.new_ones(B, T, dtype=torch.bool)], dim=1)
 
         if position_ids is None:
@@ -423,6 +435,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.positions[:, past:past + T] = position_ids
             kv_cache.mask[:, past:past + T] = True if key_mask is None else key_mask[:, -T:]
+            # Set whenever a mask was given, without reading its values (a device sync per step).
+            kv_cache.padded = kv_cache.padded or key_mask is not None
         return key_mask, position_ids, custom
 
     def _attention_bias(self, key_mask, position_ids, kv_cache, T):

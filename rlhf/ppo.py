@@ -496,7 +496,7 @@ def update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, rollout
 
 
 class TaskPrompts:
-    """Prompts of a built-in task: fresh training problems each step, fixed held-out problems."""
+    """Prompts of a built-in task: fresh problems of its "rl" split each step, fixed held-out problems."""
 
     def __init__(self, task, tokenizer: Tokenizer, eval_size: int, seed: int, max_prompt_tokens: int) -> None:
         self.task, self.tokenizer, self.max_prompt_tokens = task, tokenizer, max_prompt_tokens
@@ -510,7 +510,7 @@ class TaskPrompts:
         return Prompt(ids, problem)
 
     def sample(self, n: int, seed: int) -> list[Prompt]:
-        return [self._prompt(p) for p in self.task.sample(n, random.Random(seed))]
+        return [self._prompt(p) for p in self.task.sample(n, random.Random(seed), "rl")]
 
 
 class DataPrompts:

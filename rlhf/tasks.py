@@ -11,10 +11,12 @@ integer in the reply equals the answer, so extra text around it costs nothing,
 and `format_reward` (0.0 by default) when the reply has an integer that is wrong.
 A reply with no integer gets 0.0.
 
-Every problem belongs to one split for good: a problem is held out when the CRC-32
-of its question is divisible by `HELDOUT_MODULUS`, about one problem in ten. So the
-training prompts (PPO rollouts, the warm-up data) and the held-out problems that
-`task/accuracy` is measured on never share a problem, whatever the seeds.
+Every problem belongs to one of three splits for good, chosen by the CRC-32 of its
+question (`split_of`): "warmup" (about 40%) for the SFT warm-up data, "rl" (50%) for
+the RL prompts and "heldout" (10%) for `task/accuracy`. No two splits share a problem,
+whatever the seeds. RL trains on problems the warm-up never showed, so a rising
+held-out accuracy measures what RL taught the model about unseen problems, not recall
+of memorized answers, which a tiny model falls back on.
 
 Write warm-up data for `gptlab sft` with
 
@@ -44,7 +46,7 @@ from gpt.generate import SamplingParams, generate
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
-HELDOUT_MODULUS = 10
+SPLITS = ("warmup", "rl", "heldout")
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 # Space sizes up to this many problems are listed in full to pick held-out problems.
 _ENUMERATE_LIMIT = 200_000
@@ -80,9 +82,17 @@ class ArithmeticConfig:
         return found
 
 
+def split_of(question: str) -> str:
+    """Return the split of a question from the CRC-32 of its text, so it is the same on every
+    run and machine: 10% "heldout", 40% "warmup", 50% "rl"."""
+    bucket = zlib.crc32(question.encode("utf-8")) % 10
+    if bucket == 0:
+        return "heldout"
+    return "warmup" if bucket <= 4 else "rl"
+
+
 def is_heldout(question: str) -> bool:
-    """Return whether a question belongs to the held-out split (stable across runs and machines)."""
-    return zlib.crc32(question.encode("utf-8")) % HELDOUT_MODULUS == 0
+    return split_of(question) == "heldout"
 
 
 def final_integer(text: str) -> int | None:
@@ -122,12 +132,14 @@ class ArithmeticTask:
         a, op, b = rng.randint(0, n), rng.choice(self.operations), rng.randint(0, n)
         return self.make_problem(a, op, b)
 
-    def sample(self, n: int, rng: random.Random) -> list[Problem]:
-        """Draw `n` training problems (held-out ones are redrawn), with repeats."""
+    def sample(self, n: int, rng: random.Random, split: str) -> list[Problem]:
+        """Draw `n` problems of `split` ("warmup" or "rl"), with repeats."""
+        if split not in ("warmup", "rl"):
+            raise ValueError(f"cannot sample split {split!r}: choose warmup or rl, or use heldout() for held-out problems")
         drawn = []
         while len(drawn) < n:
             problem = self._draw(rng)
-            if not is_heldout(problem.question):
+            if split_of(problem.question) == split:
                 drawn.append(problem)
         return drawn
 
@@ -164,7 +176,7 @@ TASKS = {"arithmetic": ArithmeticTask}
 def sft_conversations(task: ArithmeticTask, n: int, seed: int) -> list[list[dict[str, str]]]:
     """Warm-up conversations with correct answers: `n` training problems drawn with `seed`,
     each a user question and the answer alone as the assistant's reply."""
-    problems = task.sample(n, random.Random(seed))
+    problems = task.sample(n, random.Random(seed), "warmup")
     return [task.messages(p) + [{"role": "assistant", "content": str(p.answer)}] for p in problems]
 
 

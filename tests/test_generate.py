@@ -68,7 +68,7 @@ class ScriptedGPT(GPT):
         out = super().forward(idx, targets, kv_cache=kv_cache, **kwargs)
         if out.logits is None:
             return out
-        T = idx.size(1)
+        T = out.logits.size(1)  # fewer than idx's columns when logits_to_keep is set
         positions = kv_cache.positions[:, kv_cache.length - T:kv_cache.length]  # (B, T)
         following = (positions + 1).clamp(max=len(self.script) - 1)
         forced = torch.tensor(self.script, device=idx.device)[following]
@@ -528,3 +528,13 @@ def test_parse_stop_strings():
     assert parse_stop_strings(r"\n\n,END,a\,b,,\\") == ["\n\n", "END", "a,b", "\\"]
     assert parse_stop_strings("") == []
     assert parse_stop_strings([" x", "y"]) == [" x", "y"]
+
+
+def test_prefill_one_forward_pass():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_embd=32, block_size=64)).eval()
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    generate(model, [[0, 5, 6, 7]], SamplingParams(max_new_tokens=1, temperature=0, stop_token_ids=[]))
+    hook.remove()
+    assert shapes == [(1, 4)]

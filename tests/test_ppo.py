@@ -9,6 +9,7 @@ import gzip
 import json
 import math
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpt.generate
+from gpt.chat import render_prompt
 from gpt.checkpoint import load_model, load_train_state, save_model
 from gpt.config import ConfigError, build_config
 from gpt.model import GPT, ModelConfig
@@ -79,11 +81,8 @@ def reward_dir(tmp_path_factory, tokenizer_file, tokenizer) -> Path:
 
 
 def task_prompts(tokenizer: Tokenizer, n: int) -> list[Prompt]:
-    from gpt.chat import render_prompt
-    import random
-
     task = ArithmeticTask(ArithmeticConfig())
-    return [Prompt(render_prompt(tokenizer, task.messages(p)), p) for p in task.sample(n, random.Random(0))]
+    return [Prompt(render_prompt(tokenizer, task.messages(p)), p) for p in task.sample(n, random.Random(0), "rl")]
 
 
 def length_scorer(prompts, completions) -> torch.Tensor:

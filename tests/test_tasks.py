@@ -14,6 +14,7 @@ import pytest
 
 from gpt.sft_data import load_conversations
 from rlhf.tasks import (
+    SPLITS,
     ArithmeticConfig,
     ArithmeticTask,
     TaskDataConfig,
@@ -22,6 +23,7 @@ from rlhf.tasks import (
     is_heldout,
     main,
     sft_conversations,
+    split_of,
     write_sft_data,
 )
 
@@ -35,17 +37,17 @@ def solve(question: str) -> int:
 
 def test_sample_same_seed_same_problems():
     task = ArithmeticTask(ArithmeticConfig())
-    assert task.sample(50, random.Random(3)) == task.sample(50, random.Random(3))
+    assert task.sample(50, random.Random(3), "rl") == task.sample(50, random.Random(3), "rl")
 
 
 def test_sample_other_seed_other_problems():
     task = ArithmeticTask(ArithmeticConfig())
-    assert task.sample(50, random.Random(3)) != task.sample(50, random.Random(4))
+    assert task.sample(50, random.Random(3), "rl") != task.sample(50, random.Random(4), "rl")
 
 
 def test_problems_answers_and_ranges():
     task = ArithmeticTask(ArithmeticConfig(max_operand=12, operations="+-*"))
-    problems = task.sample(500, random.Random(0))
+    problems = task.sample(500, random.Random(0), "rl")
     assert {QUESTION.fullmatch(p.question).group(2) for p in problems} == {"+", "-", "*"}
     for problem in problems:
         a, _, b = QUESTION.fullmatch(problem.question).groups()
@@ -55,13 +57,30 @@ def test_problems_answers_and_ranges():
         assert problem.answer >= 0, problem
 
 
-def test_train_never_heldout():
+def test_splits_disjoint():
     task = ArithmeticTask(ArithmeticConfig())
-    train = {p.question for p in task.sample(2000, random.Random(0))}
+    warmup = {p.question for p in task.sample(3000, random.Random(0), "warmup")}
+    rl = {p.question for p in task.sample(3000, random.Random(0), "rl")}
     heldout = {p.question for p in task.heldout(1000, seed=0)}
+    assert warmup
+    assert rl
     assert heldout
-    assert not train & heldout
+    assert not warmup & rl
+    assert not warmup & heldout
+    assert not rl & heldout
+    assert all(split_of(q) == "warmup" for q in warmup)
+    assert all(split_of(q) == "rl" for q in rl)
     assert all(is_heldout(q) for q in heldout)
+
+
+def test_split_shares():
+    task = ArithmeticTask(ArithmeticConfig(max_operand=60))
+    n = task.cfg.max_operand + 1
+    questions = {task.make_problem(a, op, b).question for op in "+-" for a in range(n) for b in range(n)}
+    shares = {name: sum(split_of(q) == name for q in questions) / len(questions) for name in SPLITS}
+    assert shares["heldout"] == pytest.approx(0.1, abs=0.02)
+    assert shares["warmup"] == pytest.approx(0.4, abs=0.03)
+    assert shares["rl"] == pytest.approx(0.5, abs=0.03)
 
 
 def test_heldout_deterministic_distinct():
@@ -127,7 +146,7 @@ def test_sft_conversations_correct():
     for user, assistant in conversations:
         assert user["role"] == "user"
         assert assistant == {"role": "assistant", "content": str(solve(user["content"]))}
-        assert not is_heldout(user["content"])
+        assert split_of(user["content"]) == "warmup"
     assert conversations == sft_conversations(task, 100, seed=1)
 
 
