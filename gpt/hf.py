@@ -80,6 +80,11 @@ def export_layout(config: ModelConfig) -> str:
         # GPT2Attention has one head count for queries, keys and values.
         if layout == "gpt2" and config.n_kv_head != config.n_head:
             differences[layout].append(f"n_kv_head={config.n_head} (= n_head; got {config.n_kv_head})")
+        # Neither GPT2 nor Llama has these; exporting without them would change the outputs.
+        if getattr(config, "qk_norm", False):
+            differences[layout].append("qk_norm=False (got True)")
+        if getattr(config, "sliding_window", None) is not None:
+            differences[layout].append(f"sliding_window=None (got {config.sliding_window})")
     for layout, found in differences.items():
         if not found:
             return layout

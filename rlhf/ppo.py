@@ -103,7 +103,7 @@ class PPOConfig:
     prompts: str = option("gpteacher", "reward-model runs: chat data whose conversations, without their last reply, are the prompts (a source or mix as gptlab sft takes)")
     max_prompts: int = option(0, "reward-model runs: read at most this many conversations per source; 0 reads all")
     eval_prompts: int = option(64, "held-out prompts (task problems) answered greedily at each evaluation")
-    prompts_per_step: int = option(32, "prompts sampled for each rollout")
+    prompts_per_step: int = option(64, "prompts sampled for each rollout")
     group_size: int = option(8, "grpo: replies sampled per prompt (at least 2); ppo samples one")
     max_new_tokens: int = option(32, "maximum tokens per reply")
     temperature: float = option(1.0, "sampling temperature of the rollouts; log-probabilities are taken at the same temperature")

@@ -3,9 +3,9 @@ replies scored by a rule, so that RL can be watched working without a reward mod
 
 The built-in task is short arithmetic. A problem is rendered as one user message,
 
-    What is 17 + 25?
+    What is 57 + 8?
 
-and the expected reply is the number alone ("42"), as in the warm-up data that
+and the expected reply is the number alone ("65"), as in the warm-up data that
 `sft_conversations` writes. The reward (`arithmetic_reward`) is 1.0 when the last
 integer in the reply equals the answer, so extra text around it costs nothing,
 and `format_reward` (0.0 by default) when the reply has an integer that is wrong.
@@ -18,9 +18,15 @@ whatever the seeds. RL trains on problems the warm-up never showed, so a rising
 held-out accuracy measures what RL taught the model about unseen problems, not recall
 of memorized answers, which a tiny model falls back on.
 
+The default operands, 0..99 and 0..9, suit a tiny model: it learns a digit table that
+all problems share, so its accuracy on unseen problems grows with training. With two
+operands of two digits, a 2-layer model of n_embd 64 or 128 in a few minutes of CPU
+training mostly memorizes the warm-up problems (above 90% on them, under 25% on unseen
+ones), and RL then improves the RL problems without moving held-out accuracy.
+
 Write warm-up data for `gptlab sft` with
 
-    python -m rlhf.tasks out=arithmetic_sft.jsonl n=20000 max_operand=20
+    python -m rlhf.tasks out=arithmetic_sft.jsonl n=20000
 
 Limits: operands are non-negative integers, subtraction puts the larger operand
 first (answers are never negative), and integers are read without thousands
@@ -65,7 +71,8 @@ class Problem:
 class ArithmeticConfig:
     """Settings of the arithmetic task."""
 
-    max_operand: int = option(20, "operands are drawn uniformly from 0..max_operand")
+    max_operand: int = option(99, "the first operand is drawn uniformly from 0..max_operand")
+    max_second_operand: int = option(9, "the second operand is drawn uniformly from 0..max_second_operand; 0 for max_operand")
     operations: str = option("+-", "operators to draw from, any of + - * (for example +-)")
     format_reward: float = option(0.0, "reward for a reply whose last integer is wrong (a correct one gets 1.0, a reply without an integer 0.0)")
 
@@ -73,6 +80,8 @@ class ArithmeticConfig:
         found = []
         if not 1 <= self.max_operand <= 9999:
             found.append(f"max_operand must be between 1 and 9999, got {self.max_operand}")
+        if not 0 <= self.max_second_operand <= 9999:
+            found.append(f"max_second_operand must be between 0 (same as max_operand) and 9999, got {self.max_second_operand}")
         unknown = sorted(set(self.operations) - set(OPERATIONS))
         if unknown or not self.operations:
             found.append(f"operations {self.operations!r} must be a non-empty string of the operators "
@@ -121,6 +130,7 @@ class ArithmeticTask:
             raise ValueError("invalid arithmetic task settings: " + "; ".join(problems))
         self.cfg = cfg
         self.operations = sorted(set(cfg.operations), key=cfg.operations.index)
+        self.max_second = cfg.max_second_operand or cfg.max_operand
 
     def make_problem(self, a: int, op: str, b: int) -> Problem:
         if op == "-" and b > a:
@@ -128,8 +138,7 @@ class ArithmeticTask:
         return Problem(f"What is {a} {op} {b}?", OPERATIONS[op](a, b))
 
     def _draw(self, rng: random.Random) -> Problem:
-        n = self.cfg.max_operand
-        a, op, b = rng.randint(0, n), rng.choice(self.operations), rng.randint(0, n)
+        a, op, b = rng.randint(0, self.cfg.max_operand), rng.choice(self.operations), rng.randint(0, self.max_second)
         return self.make_problem(a, op, b)
 
     def sample(self, n: int, rng: random.Random, split: str) -> list[Problem]:
@@ -146,10 +155,10 @@ class ArithmeticTask:
     def heldout(self, n: int, seed: int) -> list[Problem]:
         """Return `n` distinct held-out problems chosen by `seed`, or all of them when there are fewer."""
         rng = random.Random(seed)
-        size = (self.cfg.max_operand + 1) ** 2 * len(self.operations)
+        size = (self.cfg.max_operand + 1) * (self.max_second + 1) * len(self.operations)
         if size <= _ENUMERATE_LIMIT:
-            n_values = range(self.cfg.max_operand + 1)
-            every = {self.make_problem(a, op, b) for op in self.operations for a in n_values for b in n_values}
+            every = {self.make_problem(a, op, b) for op in self.operations for a in range(self.cfg.max_operand + 1)
+                     for b in range(self.max_second + 1)}
             pool = sorted((p for p in every if is_heldout(p.question)), key=lambda p: p.question)
             return rng.sample(pool, min(n, len(pool)))
         chosen: dict[str, Problem] = {}

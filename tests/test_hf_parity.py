@@ -267,3 +267,12 @@ def test_layouts_detected():
 def test_from_hf_config_rejects(hf_config, setting):
     with pytest.raises(NotImplementedError, match=setting):
         from_hf_config(hf_config)
+
+
+@pytest.mark.parametrize("change", [{"qk_norm": True}, {"sliding_window": 8}])
+def test_export_rejects_variations(change):
+    from gpt.hf import export_layout
+
+    config = ModelConfig.from_layout("llama", vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=32, **change)
+    with pytest.raises(NotImplementedError, match=next(iter(change))):
+        export_layout(config)
