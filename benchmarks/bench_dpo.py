@@ -1,7 +1,7 @@
 """Time one DPO training step of gptlab against TRL's DPOTrainer on the same model and pairs,
 with full training and with LoRA, and count the parameters each holds for its reference.
 
-    GPTLAB_DATA_DIR=DATA_KIT_FOLDER python benchmarks/bench_dpo.py [--steps 10] [--out FILE.json]
+    GPTLAB_DATA_DIR=DATA_KIT_FOLDER python benchmarks/bench_dpo.py [--steps 10] [--threads 1] [--out FILE.json]
 
 Both sides start from one GPT (gpt2 layout, float32 on the CPU): ours trains it directly,
 TRL loads the transformers folder that `gpt.hf.save_hf_folder` exports from it. The pairs
@@ -154,8 +154,13 @@ def main() -> None:
     parser.add_argument("--n_embd", type=int, default=256)
     parser.add_argument("--block_size", type=int, default=256)
     parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads; 0 keeps torch's default. On a machine shared with other jobs, 1 "
+                             "avoids threads waiting on each other")
     parser.add_argument("--out", default="", help="also write the results to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("GPTLAB_NO_PROGRESS", "1")
 

@@ -8,12 +8,13 @@ with DPO, IPO or conservative DPO, against the frozen starting policy as the ref
 
 The chosen and the rejected conversations of a micro-batch run through the model in one
 forward pass, packed by default into rows no longer than the longest of them (see
-`rlhf.preference_data.collate_pairs`), which skips most of the padding. A sequence's log-probability sums the reply tokens only (the reply's
-content and its closing <|end|>), never the prompt or padding; IPO divides each sum by
-the reply's token count (see `rlhf.losses`). The reference log-probs of a batch are
-computed first, under no_grad, by a frozen copy of the starting policy, or, with LoRA,
-by the policy itself with its adapters disabled (peft's `disable_adapter`), so that no
-second copy of the weights is held.
+`rlhf.preference_data.collate_pairs`), which skips most of the padding. A sequence's
+log-probability sums the reply tokens only (the reply's content and its closing
+<|end|>), never the prompt or padding. IPO divides each sum by the reply's token count
+(see `rlhf.losses`). The reference log-probs of a batch are computed first, under
+no_grad, by a frozen copy of the starting policy. With LoRA they come from the policy
+itself with its adapters disabled (peft's `disable_adapter`), so that no second copy
+of the weights is held.
 
 Logged per step (means over pairs), and for the held-out pairs at each evaluation
 with a val_ prefix:
@@ -178,7 +179,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 def dpo_statistics(model: nn.Module, reference: Reference, loss_fn: Callable[..., torch.Tensor], beta: float,
                    average: bool, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """(B,) losses of one micro-batch and its metrics as sums over pairs (see the module docstring).
+    """Compute the (B,) losses of one micro-batch and its metrics as sums over pairs (see the module docstring).
 
     The sums hold every name of METRICS plus "kl_sum" and "chosen_tokens", the two parts
     of kl/chosen_per_token.
@@ -207,12 +208,15 @@ def dpo_statistics(model: nn.Module, reference: Reference, loss_fn: Callable[...
             "kl_sum": (policy_sums[:B] - reference_sums[:B]).sum(),
             "chosen_tokens": counts[:B].sum(),
         }
-    return losses, {name: value.item() for name, value in values.items()}
+        # One transfer for all of them: each .item() would wait for the device on its own.
+        numbers = torch.stack([value.double() for value in values.values()]).tolist()
+    return losses, dict(zip(values, numbers))
 
 
 def make_loss_fn(reference: Reference, loss_fn: Callable[..., torch.Tensor], beta: float,
                  average: bool) -> Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, int, dict[str, float]]]:
-    """The Trainer's loss function: sum of the pair losses of a micro-batch, its number of pairs, and means."""
+    """Build the Trainer's loss function: it returns the sum of the pair losses of a micro-batch,
+    its number of pairs, and the metrics as means over the pairs."""
 
     def dpo_loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, float]]:
         losses, sums = dpo_statistics(model, reference, loss_fn, beta, average, batch)
@@ -227,7 +231,7 @@ def make_loss_fn(reference: Reference, loss_fn: Callable[..., torch.Tensor], bet
 @torch.no_grad()
 def evaluate_pairs(model: nn.Module, reference: Reference, loss_fn: Callable[..., torch.Tensor], beta: float,
                    average: bool, heldout: PairBatches, max_batches: int) -> dict[str, float]:
-    """val_loss and the val_ metrics over the first max_batches held-out micro-batches."""
+    """Compute val_loss and the val_ metrics over the first max_batches held-out micro-batches."""
     totals: dict[str, float] = {}
     loss_sum, count = 0.0, 0
     for batch in heldout.in_order(max_batches):
@@ -245,7 +249,7 @@ def evaluate_pairs(model: nn.Module, reference: Reference, loss_fn: Callable[...
 
 
 def dpo_flops_per_token(model: GPT, n_trainable: int, seq_len: int, lora: bool) -> float:
-    """Training FLOPs per token: the policy's forward and backward plus the reference's forward.
+    """Estimate the training FLOPs per token: the policy's forward and backward plus the reference's forward.
 
     Full training: 6 per weight for the policy and 2 for the reference. LoRA: 4 per
     frozen weight (forward and input gradient), 2 for the reference pass, 6 per adapter

@@ -162,7 +162,8 @@ def unwrap_gpt(model: nn.Module) -> GPT:
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod
         else:
-            raise TypeError(f"expected a GPT, possibly wrapped by DDP, torch.compile or peft; got {type(model).__name__}")
+            raise TypeError(f"expected a GPT, possibly wrapped by DDP, torch.compile or peft; got "
+                            f"{type(model).__name__}")
     return model
 
 

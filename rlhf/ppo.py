@@ -15,7 +15,7 @@ disabled, so no second copy is kept.
 
 PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, with the
 per-token KL penalty of Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-Preferences", eq. 2): the reward of reply token t is -kl_coef * (log pi(y_t) - log
+Preferences"): the reward of reply token t is -kl_coef * (log pi(y_t) - log
 pi_ref(y_t)), plus the score on the last token. Advantages come from GAE (Schulman et
 al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
 Estimation", eq. 16) over the reply tokens only: the end of a reply is terminal, and
@@ -23,14 +23,14 @@ padding after it gets no advantage and no value loss. The value head is
 nn.Linear(n_embd, 1) on the policy's final hidden states, so policy and critic share
 the trunk and the value loss (weighted by vf_coef) also trains it. Value predictions
 are clipped around the rollout's values, as OpenAI baselines' ppo2 does. kl_coef is
-fixed, or adapted toward kl_target (Ziegler et al. 2019, section 2.2).
+fixed, or adapted toward kl_target by Ziegler et al.'s proportional controller.
 
-GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3 and 4) samples group_size replies per
-prompt and gives every token of a reply the advantage (r - mean of the group) / (std
-of the group + eps). It has no value head. Its loss is the same clipped objective
+GRPO (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300) samples group_size replies
+per prompt and gives every token of a reply the advantage (r - mean of the group) /
+(std of the group + eps). It has no value head. Its loss is the same clipped objective
 plus kl_coef times the k3 estimator pi_ref/pi - log(pi_ref/pi) - 1, averaged over each
-reply's tokens and then over replies, as eq. 3 does. PPO's loss averages over all
-tokens of the minibatch.
+reply's tokens and then over replies, as the paper's objective does. PPO's loss
+averages over all tokens of the minibatch.
 
 A step is one rollout followed by ppo_epochs passes over it in minibatches of
 train.batch_size * train.grad_accum replies, one optimizer step per minibatch. The
@@ -81,7 +81,7 @@ logger = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_DIR = "adapter"
-GRPO_EPS = 1e-4  # added to the group's reward std, as TRL's GRPOTrainer does; DeepSeekMath states no value
+GRPO_EPS = 1e-4  # added to the group's reward std, as trl/trainer/grpo_trainer.py does; DeepSeekMath states no value
 
 
 def ppo_train_defaults() -> TrainConfig:
@@ -102,7 +102,7 @@ class PPOConfig:
     algorithm: Literal["ppo", "grpo"] = option("ppo", "ppo (value head, GAE) or grpo (group-relative advantages, no value head)")
     prompts: str = option("gpteacher", "reward-model runs: chat data whose conversations, without their last reply, are the prompts (a source or mix as gptlab sft takes)")
     max_prompts: int = option(0, "reward-model runs: read at most this many conversations per source; 0 reads all")
-    eval_prompts: int = option(64, "held-out prompts (task problems) answered greedily at each evaluation")
+    eval_prompts: int = option(200, "held-out prompts (task problems) answered greedily at each evaluation; a task with fewer held-out problems uses all of them")
     prompts_per_step: int = option(64, "prompts sampled for each rollout")
     group_size: int = option(8, "grpo: replies sampled per prompt (at least 2); ppo samples one")
     max_new_tokens: int = option(32, "maximum tokens per reply")
@@ -221,7 +221,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, eps: float = GRPO_EP
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL estimate r - log r - 1 with r = pi_ref / pi (Schulman 2020, "Approximating KL
-    Divergence"; DeepSeekMath eq. 4): non-negative, and 0 where the two agree."""
+    Divergence", as DeepSeekMath uses it): non-negative, and 0 where the two agree."""
     log_ratio = ref_logprobs - logprobs
     return torch.exp(log_ratio) - log_ratio - 1
 
@@ -254,8 +254,8 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 
 class KLController:
-    """The KL coefficient: fixed, or adapted toward `target` nats per reply (Ziegler et al. 2019,
-    section 2.2): coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * replies / horizon."""
+    """The KL coefficient: fixed, or adapted toward `target` nats per reply by the proportional
+    controller of Ziegler et al. 2019: coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * replies / horizon."""
 
     def __init__(self, coef: float, target: float = 0.0, horizon: int = 10000) -> None:
         self.coef, self.target, self.horizon = coef, target, horizon
@@ -655,6 +655,15 @@ def plot_rewards(metrics_path: Path, out_path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def evaluation_before(metrics_path: Path) -> dict[str, float]:
+    """Return the evaluation a resumed run did before its first step: the step-0 record of metrics.jsonl."""
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("step") == 0:
+            return {key: value for key, value in record.items() if key != "step"}
+    return {}
+
+
 # ---------------------------------------------------------------------------
 # The stage
 
@@ -727,11 +736,11 @@ def train(cfg: PPOConfig) -> dict:
     def done() -> bool:
         return step >= cfg.train.max_steps or (cfg.train.max_time > 0 and elapsed >= cfg.train.max_time)
 
-    before = run_eval() if step == 0 else {}
+    before = run_eval() if step == 0 else evaluation_before(metrics_path)
     step_times: list[float] = []
     last_eval = before
     with open(metrics_path, "a", encoding="utf-8") as metrics_file:
-        if before:
+        if before and step == 0:
             logger.info("before training: %s", json.dumps(before))
             metrics_file.write(json.dumps({"step": 0, **before}) + "\n")
         while not done():

@@ -412,7 +412,8 @@ def load_pairs(source: str, *, split: str = "train", max_pairs: int = 0) -> tupl
     stats.pairs = len(pairs)
     if not pairs:
         raise ValueError(f"{source}: no preference pair found in {stats.records} records ({stats.identical} with "
-                         f"identical replies, {stats.ties} ties, {stats.no_judgment} without a judgment). Check the data.")
+                         f"identical replies, {stats.ties} ties, {stats.no_judgment} without a judgment). "
+                         "Check the data.")
     logger.info("%s: %s records, %s pairs; dropped %d with identical replies, %d ties, %d without a judgment; "
                 "%d judged pairs have an empty reply (kept)", source, f"{stats.records:,}", f"{stats.pairs:,}",
                 stats.identical, stats.ties, stats.no_judgment, stats.empty_replies)
@@ -666,7 +667,8 @@ class PairDataConfig:
         if not 0 <= self.heldout_fraction < 1:
             found.append(f"data.heldout_fraction must be in [0, 1), for example 0.05, got {self.heldout_fraction}")
         if self.block_size < 0:
-            found.append(f"data.block_size must be 0 (the model's) or a positive number of tokens, got {self.block_size}")
+            found.append(f"data.block_size must be 0 (the model's) or a positive number of tokens, "
+                         f"got {self.block_size}")
         if self.max_prompt_tokens < 0:
             found.append(f"data.max_prompt_tokens must be 0 (half of block_size) or more, got {self.max_prompt_tokens}")
         return found
@@ -698,7 +700,8 @@ def prepare_pairs(cfg: PairDataConfig, tokenizer: Tokenizer, model_block_size: i
     if not train:
         raise ValueError(f"no training pair left from {cfg.source}: all {len(train_pairs)} have identical replies "
                          f"once cut to block_size {block_size}; raise block_size or data.max_prompt_tokens")
-    for name, stats, count in (("train", train_stats, len(train_pairs)), ("held-out", heldout_stats, len(heldout_pairs))):
+    splits = (("train", train_stats, len(train_pairs)), ("held-out", heldout_stats, len(heldout_pairs)))
+    for name, stats, count in splits:
         logger.info("%s pairs at block_size %d: %s of %s kept, %s prompts shortened, %s with a cut reply, %s dropped "
                     "(replies identical once cut)", name, block_size, f"{stats.kept:,}", f"{count:,}",
                     f"{stats.prompt_shortened:,}", f"{stats.replies_cut:,}", f"{stats.identical_after_cut:,}")

@@ -151,8 +151,9 @@ class RewardModel(nn.Module):
         return self(ids.to(device), mask.to(device))
 
 
-def save_reward_model(model: RewardModel, out_dir: str | os.PathLike, *, tokenizer_file: str | os.PathLike | None = None,
-                      step: int | None = None, extra: dict | None = None) -> None:
+def save_reward_model(model: RewardModel, out_dir: str | os.PathLike, *,
+                      tokenizer_file: str | os.PathLike | None = None, step: int | None = None,
+                      extra: dict | None = None) -> None:
     """Write the trunk as a checkpoint (model.json marked as a reward model) and the head beside it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,7 @@ class RewardConfig:
 
 
 def reward_statistics(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B,) losses, chosen rewards and rejected rewards of one micro-batch of pairs."""
+    """Compute the (B,) losses, chosen rewards and rejected rewards of one micro-batch of pairs."""
     device = next(model.parameters()).device
     rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (2B,)
     chosen, rejected = rewards.chunk(2)
@@ -224,15 +225,16 @@ def reward_statistics(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Te
 
 
 def reward_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, dict[str, float]]:
-    """Sum of the pair losses of a micro-batch and its number of pairs, for the Trainer."""
+    """Return the sum of the pair losses of a micro-batch, its number of pairs and its metrics, for the Trainer."""
     losses, chosen, rejected = reward_statistics(model, batch)
     margin = (chosen - rejected).detach()
-    return losses.sum(), batch["n_pairs"], {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+    metrics = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+    return losses.sum(), batch["n_pairs"], metrics
 
 
 @torch.no_grad()
 def evaluate_pairs(model: RewardModel, heldout: PairBatches, max_batches: int) -> dict[str, float]:
-    """val_loss, val_accuracy and val_margin over the first max_batches held-out micro-batches."""
+    """Compute val_loss, val_accuracy and val_margin over the first max_batches held-out micro-batches."""
     loss_sum, correct, margin_sum, count = 0.0, 0.0, 0.0, 0
     for batch in heldout.in_order(max_batches):
         losses, chosen, rejected = reward_statistics(model, batch)

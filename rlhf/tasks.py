@@ -120,7 +120,8 @@ def arithmetic_reward(reply: str, answer: int, format_reward: float = 0.0) -> fl
 
 
 class ArithmeticTask:
-    """Problems "What is A op B?" with A and B in 0..max_operand, and their rule-based reward."""
+    """Problems "What is A op B?" with A in 0..max_operand and B in 0..max_second_operand, and their
+    rule-based reward."""
 
     name = "arithmetic"
 
@@ -131,6 +132,8 @@ class ArithmeticTask:
         self.cfg = cfg
         self.operations = sorted(set(cfg.operations), key=cfg.operations.index)
         self.max_second = cfg.max_second_operand or cfg.max_operand
+        self.size = (cfg.max_operand + 1) * (self.max_second + 1) * len(self.operations)  # operand draws, not problems
+        self._every: list[Problem] | None = None
 
     def make_problem(self, a: int, op: str, b: int) -> Problem:
         if op == "-" and b > a:
@@ -141,10 +144,23 @@ class ArithmeticTask:
         a, op, b = rng.randint(0, self.cfg.max_operand), rng.choice(self.operations), rng.randint(0, self.max_second)
         return self.make_problem(a, op, b)
 
+    def every_problem(self) -> list[Problem] | None:
+        """Return every distinct problem sorted by question, or None when there are too many to list."""
+        if self._every is None and self.size <= _ENUMERATE_LIMIT:
+            every = {self.make_problem(a, op, b) for op in self.operations for a in range(self.cfg.max_operand + 1)
+                     for b in range(self.max_second + 1)}
+            self._every = sorted(every, key=lambda p: p.question)
+        return self._every
+
     def sample(self, n: int, rng: random.Random, split: str) -> list[Problem]:
         """Draw `n` problems of `split` ("warmup" or "rl"), with repeats."""
         if split not in ("warmup", "rl"):
             raise ValueError(f"cannot sample split {split!r}: choose warmup or rl, or use heldout() for held-out problems")
+        every = self.every_problem()
+        if every is not None and not any(split_of(p.question) == split for p in every):
+            raise ValueError(f"the {split} split has no problem among the {len(every)} that max_operand "
+                             f"{self.cfg.max_operand}, max_second_operand {self.cfg.max_second_operand} and operations "
+                             f"{self.cfg.operations!r} allow; raise max_operand")
         drawn = []
         while len(drawn) < n:
             problem = self._draw(rng)
@@ -155,21 +171,22 @@ class ArithmeticTask:
     def heldout(self, n: int, seed: int) -> list[Problem]:
         """Return `n` distinct held-out problems chosen by `seed`, or all of them when there are fewer."""
         rng = random.Random(seed)
-        size = (self.cfg.max_operand + 1) * (self.max_second + 1) * len(self.operations)
-        if size <= _ENUMERATE_LIMIT:
-            every = {self.make_problem(a, op, b) for op in self.operations for a in range(self.cfg.max_operand + 1)
-                     for b in range(self.max_second + 1)}
-            pool = sorted((p for p in every if is_heldout(p.question)), key=lambda p: p.question)
+        every = self.every_problem()
+        if every is not None:
+            pool = [p for p in every if is_heldout(p.question)]
             return rng.sample(pool, min(n, len(pool)))
+        if n > self.size // 20:
+            raise ValueError(f"{n} held-out problems requested, but drawing them at random needs n well below the "
+                             f"about {self.size // 10} that exist; request at most {self.size // 20}")
         chosen: dict[str, Problem] = {}
-        while len(chosen) < n:  # about size / 10 held-out problems exist, far more than any n asked here
+        while len(chosen) < n:
             problem = self._draw(rng)
             if is_heldout(problem.question):
                 chosen.setdefault(problem.question, problem)
         return list(chosen.values())
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
-        """The chat prompt of a problem: one user message."""
+        """Return the chat prompt of a problem: one user message."""
         return [{"role": "user", "content": problem.question}]
 
     def reward(self, problem: Problem, reply: str) -> float:
@@ -183,8 +200,8 @@ TASKS = {"arithmetic": ArithmeticTask}
 
 
 def sft_conversations(task: ArithmeticTask, n: int, seed: int) -> list[list[dict[str, str]]]:
-    """Warm-up conversations with correct answers: `n` training problems drawn with `seed`,
-    each a user question and the answer alone as the assistant's reply."""
+    """Draw `n` problems of the warmup split with `seed` and return them as conversations: the
+    question, then the answer alone as the assistant's reply."""
     problems = task.sample(n, random.Random(seed), "warmup")
     return [task.messages(p) + [{"role": "assistant", "content": str(p.answer)}] for p in problems]
 

@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 import gpt.generate
-from gpt.chat import render_prompt
+from gpt.chat import render_chat, render_prompt
 from gpt.checkpoint import load_model, load_train_state, save_model
 from gpt.config import ConfigError, build_config
+from gpt.generate import Completion
 from gpt.model import GPT, ModelConfig
 from gpt.tokenizer import Tokenizer
 from rlhf.ppo import (
     VALUE_HEAD_FILE,
+    DataPrompts,
     KLController,
     PolicyWithValueHead,
     PPOConfig,
@@ -35,6 +37,7 @@ from rlhf.ppo import (
     group_advantages,
     k3_kl,
     reply_forward,
+    reward_model_scorer,
     train,
     update,
 )
@@ -241,6 +244,51 @@ def test_grpo_rollout_groups(tokenizer):
 
 
 # ---------------------------------------------------------------------------
+# Prompts and scores
+
+
+class RecordingRewardModel:
+    def __init__(self) -> None:
+        self.rows = []
+
+    def score(self, rows):
+        self.rows = rows
+        return torch.zeros(len(rows))
+
+
+def test_reward_scorer_renders_reply(tokenizer):
+    messages = [{"role": "user", "content": "Who are you?"}]
+    prompt = Prompt(render_prompt(tokenizer, messages))
+    reply = tokenizer.encode("I am a helper.")
+    end, eot = tokenizer.special_id("<|end|>"), tokenizer.eot_id
+    completions = [Completion(reply + [end], "stop", "I am a helper."),  # stopped by <|end|>
+                   Completion(reply + [eot], "stop", "I am a helper."),  # stopped by <|endoftext|>
+                   Completion(reply, "length", "I am a helper.")]  # cut at max_new_tokens
+    model = RecordingRewardModel()
+    reward_model_scorer(model, tokenizer)([prompt] * 3, completions)
+    rendered = render_chat(tokenizer, messages + [{"role": "assistant", "content": "I am a helper."}])[0]
+    assert model.rows[0] == rendered
+    assert model.rows[1] == rendered
+    assert model.rows[2] == rendered[:-1]  # no closing <|end|>
+
+
+def test_data_prompts_from_chat_data(tokenizer):
+    cfg = small_config(task="", reward="unused", prompts="identity", eval_prompts=5)
+    prompts = DataPrompts(cfg, tokenizer, max_prompt_tokens=56)
+    assert len(prompts.heldout) == 5
+    assert prompts.train
+    assistant_id = tokenizer.special_id("<|assistant|>")
+    assert all(p.ids[-1] == assistant_id for p in prompts.train + prompts.heldout)
+    assert all(len(p.ids) <= 56 for p in prompts.train)
+
+
+def test_data_prompts_too_long(tokenizer):
+    cfg = small_config(task="", reward="unused", prompts="identity", eval_prompts=5)
+    with pytest.raises(ValueError, match="no training prompts left"):
+        DataPrompts(cfg, tokenizer, max_prompt_tokens=3)
+
+
+# ---------------------------------------------------------------------------
 # Short runs of the stage
 
 
@@ -314,14 +362,16 @@ def test_lora_trains_adapters_only(policy_dir, tmp_path):
 def test_resume_continues(policy_dir, tmp_path):
     out = tmp_path / "resume"
     overrides = {"policy": str(policy_dir), "task": "arithmetic", "algorithm": "grpo", "out_dir": str(out),
-                 "arithmetic.format_reward": "0.5", "eval_prompts": "0", "prompts_per_step": "2", "group_size": "2",
+                 "arithmetic.format_reward": "0.5", "eval_prompts": "4", "prompts_per_step": "2", "group_size": "2",
                  "max_new_tokens": "4", "train.batch_size": "4", "train.device": "cpu",
                  "train.checkpoint_interval": "1"}
     train(build_config(PPOConfig, overrides={**overrides, "train.max_steps": "1"}))
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     summary = train(build_config(PPOConfig, overrides={**overrides, "train.max_steps": "2", "train.resume": "true"}))
     assert summary["steps"] == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
+    assert steps == [0, 1, 2]
+    assert summary["before"]["task/accuracy"] == first["task/accuracy"]
 
 
 # ---------------------------------------------------------------------------

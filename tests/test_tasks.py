@@ -1,5 +1,5 @@
-"""Tests of rlhf/tasks.py: the arithmetic generator, its held-out split, the rule-based
-reward, the warm-up data, and (slow) a GRPO run that raises the held-out accuracy of a
+"""Tests of rlhf/tasks.py: the arithmetic generator, its three splits, the rule-based
+reward, the warm-up data, and (slow) a PPO run that raises the held-out accuracy of a
 tiny model first fine-tuned on the warm-up data."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from gpt.model import GPT, ModelConfig
 from gpt.sft_data import load_conversations
 from gpt.tokenizer import Tokenizer
 from gptlab.cli import main as gptlab
+import rlhf.tasks
 from rlhf.tasks import (
     SPLITS,
     ArithmeticConfig,
@@ -50,6 +51,14 @@ def test_sample_rejects_heldout_split():
     task = ArithmeticTask(ArithmeticConfig())
     with pytest.raises(ValueError, match="cannot sample split 'heldout'"):
         task.sample(5, random.Random(0), "heldout")
+
+
+def test_sample_empty_split(monkeypatch):
+    # No small space leaves a split empty under the real hash, so every question is sent to heldout.
+    monkeypatch.setattr(rlhf.tasks, "split_of", lambda question: "heldout")
+    task = ArithmeticTask(ArithmeticConfig(max_operand=1, max_second_operand=0, operations="+"))
+    with pytest.raises(ValueError, match="the rl split has no problem among the 4"):
+        task.sample(1, random.Random(0), "rl")
 
 
 def test_sample_other_seed_other_problems():
@@ -211,7 +220,7 @@ def test_rl_raises_heldout_accuracy(tmp_path):
                    "train.eval_interval=0", "train.checkpoint_interval=100000", "eval_tokens=0"]) == 0
     assert gptlab(["ppo", "--policy", str(tmp_path / "sft"), "--task", "arithmetic", "--out_dir", str(tmp_path / "ppo"),
                    "--prompts_per_step", "256", "--max_new_tokens", "6", "--eval_prompts", "200",
-                   "--train.max_steps", "60", "--train.batch_size", "128", "--train.lr", "5e-5",
+                   "--train.max_steps", "100", "--train.batch_size", "128", "--train.lr", "5e-5",
                    "--train.eval_interval", "0"]) == 0
 
     summary = json.loads((tmp_path / "ppo" / "summary.json").read_text())
