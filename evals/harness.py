@@ -22,7 +22,6 @@ of the continuation.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -291,14 +290,9 @@ def run_gsm8k(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
 def run_arithmetic(ev: Evaluation, spec: task_defs.TaskSpec) -> list[dict]:
     from evals.metrics import mean_stderr
 
-    # TODO: the problem generator lives in rlhf/tasks.py, which a stage may not import. This
-    # runner works once it moves to gpt/tasks.py with the same ArithmeticTask API.
-    try:
-        arithmetic = importlib.import_module("gpt.tasks")
-    except ModuleNotFoundError:
-        raise NotImplementedError("the arithmetic task needs the problem generator in gpt/tasks.py, which does not "
-                                  "exist yet (it is in rlhf/tasks.py, which the eval stage may not import)") from None
-    task = arithmetic.ArithmeticTask(arithmetic.ArithmeticConfig())
+    from gpt.tasks import ArithmeticConfig, ArithmeticTask
+
+    task = ArithmeticTask(ArithmeticConfig())
     problems = task.heldout(ev.cfg.limit or 500, ev.cfg.seed)
     prompts = [render_prompt(ev.tokenizer, task.messages(p)) for p in problems]
     params = SamplingParams(max_new_tokens=ARITHMETIC_MAX_NEW_TOKENS, temperature=0.0,

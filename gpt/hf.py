@@ -66,8 +66,12 @@ EXPORT_STRUCTURE: dict[str, dict] = {
 }
 
 
-def export_layout(config: ModelConfig) -> str:
+def export_layout(config: ModelConfig, *, weights_only: bool = False) -> str:
     """Return the layout ("gpt2" or "llama") whose transformers class reproduces `config`.
+
+    With `weights_only`, the layout whose weight names and shapes fit, even when
+    qk_norm or a sliding window makes the computation differ (for mapping weights
+    into transformers classes that have those options, such as Qwen3 and Mistral).
 
     Raises:
         NotImplementedError: no transformers class matches; the message names each
@@ -81,6 +85,8 @@ def export_layout(config: ModelConfig) -> str:
         if layout == "gpt2" and config.n_kv_head != config.n_head:
             differences[layout].append(f"n_kv_head={config.n_head} (= n_head; got {config.n_kv_head})")
         # Neither GPT2 nor Llama has these; exporting without them would change the outputs.
+        if weights_only:
+            continue
         if getattr(config, "qk_norm", False):
             differences[layout].append("qk_norm=False (got True)")
         if getattr(config, "sliding_window", None) is not None:
@@ -260,7 +266,7 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     Raises:
         NotImplementedError: the model matches neither export layout.
     """
-    layout = export_layout(model.config)
+    layout = export_layout(model.config, weights_only=True)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     if layout == "llama":
         return {_llama_name(name): tensor for name, tensor in state.items()}
@@ -304,7 +310,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
         NotImplementedError: `config` matches neither export layout.
         ValueError: tensors are missing or unexpected, as listed in the message.
     """
-    layout = export_layout(config)
+    layout = export_layout(config, weights_only=True)
     state = dict(state)
     if layout == "gpt2":
         state = {name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": tensor

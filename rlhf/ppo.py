@@ -9,7 +9,7 @@ penalty), so the sampling distribution is softmax(logits / temperature). The
 log-probabilities used in training are recomputed with one forward pass at that
 temperature, and a test checks that they equal the sampler's. A reply is scored once
 at its end: by the reward model (`rlhf.reward`), on the conversation as the chat
-template renders it, or by the rule of a built-in task (`rlhf.tasks`). The
+template renders it, or by the rule of a built-in task (`gpt.tasks`). The
 reference is the frozen starting policy; with LoRA it is the policy with its adapters
 disabled, so no second copy is kept.
 
@@ -75,7 +75,7 @@ from gpt.tokenizer import Tokenizer
 from gpt.training import TrainConfig, build_optimizer, format_duration, lr_at
 from rlhf.losses import unwrap_gpt
 from rlhf.reward import load_reward_model
-from rlhf.tasks import TASKS, ArithmeticConfig, Problem, evaluate_accuracy
+from gpt.tasks import TASKS, ArithmeticConfig, Problem, evaluate_accuracy
 
 logger = logging.getLogger(__name__)
 

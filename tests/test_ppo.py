@@ -42,7 +42,7 @@ from rlhf.ppo import (
     update,
 )
 from rlhf.reward import RewardModel, save_reward_model
-from rlhf.tasks import ArithmeticConfig, ArithmeticTask
+from gpt.tasks import ArithmeticConfig, ArithmeticTask
 
 TEMPERATURE = 0.7
 

@@ -1,4 +1,4 @@
-"""Tests of rlhf/tasks.py: the arithmetic generator, its three splits, the rule-based
+"""Tests of gpt/tasks.py: the arithmetic generator, its three splits, the rule-based
 reward, the warm-up data, and (slow) a PPO run that raises the held-out accuracy of a
 tiny model first fine-tuned on the warm-up data."""
 
@@ -19,8 +19,8 @@ from gpt.model import GPT, ModelConfig
 from gpt.sft_data import load_conversations
 from gpt.tokenizer import Tokenizer
 from gptlab.cli import main as gptlab
-import rlhf.tasks
-from rlhf.tasks import (
+import gpt.tasks
+from gpt.tasks import (
     SPLITS,
     ArithmeticConfig,
     ArithmeticTask,
@@ -55,7 +55,7 @@ def test_sample_rejects_heldout_split():
 
 def test_sample_empty_split(monkeypatch):
     # No small space leaves a split empty under the real hash, so every question is sent to heldout.
-    monkeypatch.setattr(rlhf.tasks, "split_of", lambda question: "heldout")
+    monkeypatch.setattr(gpt.tasks, "split_of", lambda question: "heldout")
     task = ArithmeticTask(ArithmeticConfig(max_operand=1, max_second_operand=0, operations="+"))
     with pytest.raises(ValueError, match="the rl split has no problem among the 4"):
         task.sample(1, random.Random(0), "rl")

@@ -26,7 +26,7 @@ ones), and RL then improves the RL problems without moving held-out accuracy.
 
 Write warm-up data for `gptlab sft` with
 
-    python -m rlhf.tasks out=arithmetic_sft.jsonl n=20000
+    python -m gpt.tasks out=arithmetic_sft.jsonl n=20000
 
 Limits: operands are non-negative integers, subtraction puts the larger operand
 first (answers are never negative), and integers are read without thousands
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     """Write warm-up data from FIELD=VALUE arguments; --help lists the fields."""
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: python -m rlhf.tasks [FIELD=VALUE ...]\n")
+        print("usage: python -m gpt.tasks [FIELD=VALUE ...]\n")
         for name, type_text, default, help_text in describe_fields(TaskDataConfig):
             print(f"  {name:<26} {type_text:<6} {default:<22} {help_text}")
         return 0
