@@ -5,9 +5,9 @@ The stages run in order, each reading the folder of the one before it:
     pretrain -> sft -> reward -> dpo [-> ppo] -> eval -> report.md
 
 Each stage gets the preset named by `size` (when the stage defines one), then the
-run's own overrides. A stage whose folder holds the completion marker written
-after it finished is skipped; a stage that was interrupted resumes from its
-resume state. So running the same command again continues where it stopped.
+run's own overrides. A stage finished earlier is skipped: its folder contains the
+completion marker written after it returned. A stage that was interrupted resumes
+from its resume state. So running the same command again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class RunConfig:
 
 
 def stage_plan(cfg: RunConfig) -> list[tuple[str, str, dict]]:
-    """The stages to run as (stage name, output folder, settings), in order."""
+    """List the stages to run as (stage name, output folder, settings), in order."""
     run = Path(cfg.out_dir)
     policy = run / "dpo"
     plan = [
@@ -88,7 +88,7 @@ def run_stage(stage: str, folder: Path, settings: dict, size: str) -> None:
 
 
 def run(cfg: RunConfig) -> Path:
-    """The `run` stage: every stage not yet done, then the report card."""
+    """Run every stage not yet done, then write the report card (the `run` stage)."""
     from gptlab.report import ReportConfig
     from gptlab.report import run as write_report
 

@@ -168,7 +168,7 @@ def build_report(run_dir: str | Path, samples: int = 4) -> str:
 
 
 def run(cfg: ReportConfig) -> Path:
-    """The `report` stage: write RUN_DIR/report.md."""
+    """Write RUN_DIR/report.md (the `report` stage)."""
     path = Path(cfg.run_dir) / "report.md"
     atomic_write_text(path, build_report(cfg.run_dir, cfg.samples))
     logger.info("wrote %s", path)
