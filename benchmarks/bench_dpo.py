@@ -6,8 +6,8 @@ with full training and with LoRA, and count the parameters each holds for its re
 Both sides start from one GPT (gpt2 layout, float32 on the CPU): ours trains it directly,
 TRL loads the transformers folder that `gpt.hf.save_hf_folder` exports from it. The pairs
 are the first hh-rlhf harmless-base pairs that fit block_size whole (no shortened prompt,
-no cut reply), falling back to made-up pairs without the data kit; TRL tokenizes them
-with the same chat template, and the script checks that its token ids equal ours. Both
+no cut reply), or made-up pairs without the data kit. TRL tokenizes them with the same
+chat template, and the script checks that its token ids equal ours. Both
 use AdamW, gradient clipping at 1.0, dropout off, no gradient checkpointing, and compute
 the reference log-probs on the fly (a frozen copy for full training, the policy with its
 adapters disabled for LoRA).
@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -90,7 +91,7 @@ def time_ours(base: GPT, tokenized: list, args: argparse.Namespace, lora: bool, 
     cfg = TrainConfig(batch_size=args.batch_size, max_steps=10**6, lr=1e-4, warmup_steps=0, weight_decay=0.0,
                       device="cpu", dtype="float32", eval_interval=0, checkpoint_interval=10**6)
     batches = PairBatches(tokenized, args.batch_size, seed=0, pack=pack)
-    trainer = Trainer(model, cfg, tempfile.mkdtemp(prefix="bench-dpo-"), batches, hooks)
+    trainer = Trainer(model, cfg, tempfile.mkdtemp(prefix="ours-", dir=args.work_dir), batches, hooks)
     batch_iter = iter(batches)
     wall, cpu = [], []
     for step in range(args.warmup + args.steps):
@@ -122,7 +123,8 @@ def time_trl(hf_dir: Path, pairs: list[PreferencePair], tokenized: list, args: a
 
     dataset = Dataset.from_list([{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
                                   "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs])
-    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=args.batch_size,
+    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-", dir=args.work_dir),
+                       per_device_train_batch_size=args.batch_size,
                        max_steps=args.warmup + args.steps, learning_rate=1e-4, lr_scheduler_type="constant",
                        weight_decay=0.0, max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"],
                        max_length=args.block_size, use_cpu=True, bf16=False, fp16=False,
@@ -170,7 +172,8 @@ def main() -> None:
     config = ModelConfig.from_layout("gpt2", vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
                                      n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     model = GPT(config)
-    work = Path(tempfile.mkdtemp(prefix="bench-dpo-model-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    args.work_dir = str(work)
     tokenizer.save(work / "tokenizer.json")
     save_hf_folder(model, work / "tokenizer.json", work / "hf", chat_template=CHAT_TEMPLATE)
     tokens = sum(len(t.prompt) * 2 + len(t.chosen) + len(t.rejected) for t in tokenized) / len(tokenized)
@@ -198,6 +201,7 @@ def main() -> None:
           f"{all(r['trl']['same_tokens'] for r in results.values())}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ with a val_ prefix:
     rewards/chosen, rewards/rejected  beta * (policy - reference) log-probs of the reply
     rewards/accuracies                share of pairs whose chosen reward is the higher
     rewards/margins                   chosen minus rejected reward
-    logps/chosen, logps/rejected      the policy's log-probs as the loss sees them
+    logps/chosen, logps/rejected      the policy's log-probs as the loss uses them
                                       (per-token averages for IPO, sums otherwise)
     kl/chosen_per_token               an estimate of KL(policy || reference): the policy
                                       minus reference log-prob summed over all chosen reply

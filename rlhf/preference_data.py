@@ -16,9 +16,10 @@ detects each file's format from the fields of its first record:
                             preferred output; 0 or 1.5 is a tie, null no judgment)
     shp                     history, human_ref_A, human_ref_B, labels (1: A preferred)
 
-In an HH-RLHF transcript, consecutive turns of one speaker are joined with a blank line,
-because some transcripts hold a "Human:" without the two newlines inside an assistant
-turn; with that rule every pair of hh-rlhf harmless-base test shares its prompt.
+In an HH-RLHF transcript, consecutive turns of one speaker are joined with a blank line.
+In nine pairs of hh-rlhf harmless-base test a side has two turns of one speaker in a
+row, some because a "Human:" inside an assistant turn lacks the two newlines before it.
+With this rule every pair of that split shares its prompt.
 
 Dropped and counted, not errors: pairs whose two replies are identical, AlpacaEval ties
 and missing judgments, and pairs whose replies become identical once cut to block_size.
@@ -26,16 +27,20 @@ Errors (ValueError naming the file, the record counted from 0, the field and the
 a missing or null field, a field of the wrong type, an empty reply string, a prompt that
 does not end with a user message, and a transcript that cannot be split into turns.
 
-NOTE: a judged transcript may hold an empty reply, and that one is kept: the model then
-learns to end its turn at once. Four chosen replies of hh-rlhf harmless-base test are
+NOTE: an empty reply in a judged transcript is kept, so the model learns to end its turn
+at once there. Four chosen replies of hh-rlhf harmless-base test are
 empty (saying nothing was preferred) and five output_2 values of the AlpacaEval
 judgments are. Only the explicit formats (prompt/chosen/rejected, message lists, SHP)
 reject an empty reply, where it is most likely a mistake.
 
-Fitting to block_size: while the prompt and the longer reply do not fit, the prompt loses
-whole turns from its start, but never more than it must: the prompt keeps up to
-max_prompt_tokens. A last user message too long on its own keeps its end. The replies
-are then cut to the room left, so a cut reply has no closing <|end|>.
+Fitting to block_size: when the prompt and the longer reply do not fit, the prompt gets a
+budget, the room the longer reply leaves but no less than max_prompt_tokens. It loses
+whole turns from its start until it fits the budget, and a last user message that alone
+exceeds the budget keeps its end. The replies are then cut to the room left, so a cut
+reply has no closing <|end|>.
+
+Batches (`collate_pairs`, `PairBatches`) put the B chosen sequences first and the B
+rejected ones after them, one per row, or packed several to a row for DPO.
 """
 
 from __future__ import annotations
@@ -512,7 +517,8 @@ def tokenize_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], block_
     """Apply `fit_pair` to every pair; drop and count those whose cut replies are identical.
 
     Args:
-        max_prompt_tokens: tokens a long prompt keeps at least; 0 for half of block_size.
+        max_prompt_tokens: the smallest budget a long prompt is shortened to (see the module
+            docstring); 0 for half of block_size.
     """
     max_prompt_tokens = max_prompt_tokens or block_size // 2
     if not 0 < max_prompt_tokens < block_size:
@@ -556,7 +562,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int = PAD_ID, pack: bo
     """Build one micro-batch of the 2B sequences of B pairs: the chosen ones are sequences
     0..B-1 and the rejected ones B..2B-1.
 
-    Unpacked, row i holds sequence i, right-padded to the longest. Packed, several
+    Unpacked, row i contains sequence i, right-padded to the longest. Packed, several
     sequences share a row no longer than the longest sequence, kept apart by a
     block-diagonal causal mask, with positions restarting at 0 for each. On the
     hh-rlhf batches of benchmarks/bench_dpo.py (8 pairs, block_size 256), padding is 46%
@@ -655,7 +661,7 @@ class PairDataConfig:
     max_pairs: int = option(0, "read at most this many pairs, in file order; 0 reads all")
     heldout_fraction: float = option(0.05, "share of the prompts held out for validation metrics (pairs with one prompt stay together)")
     block_size: int = option(0, "maximum tokens of prompt + reply; 0 for the model's block_size, which is also the maximum")
-    max_prompt_tokens: int = option(0, "a long prompt is shortened only down to this many tokens before the replies are cut; 0 for half of block_size")
+    max_prompt_tokens: int = option(0, "smallest token budget a long prompt is shortened to; replies longer than the rest of block_size are cut. 0 for half of block_size")
     seed: int = option(1337, "seed of the held-out split and the order of pairs")
 
     def problems(self) -> list[str]:

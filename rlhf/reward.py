@@ -11,7 +11,7 @@ rejected conversations of its pairs, and the loss is -log sigmoid(r_chosen - r_r
 r_rejected) and margin (mean r_chosen - r_rejected) are logged for training batches and,
 as val_loss, val_accuracy and val_margin, for the held-out pairs at each evaluation.
 
-The output folder is a checkpoint whose model.safetensors holds the trunk (a normal
+The output folder is a checkpoint. Its model.safetensors contains the trunk (a normal
 GPT, output layer included), reward_head.safetensors the head, and model.json a
 "reward_model" field that `load_reward_model` requires.
 
@@ -67,8 +67,9 @@ class RewardModel(nn.Module):
             # for its gradient, and the optimizer would hold state for it.
             self.gpt.lm_head.weight.requires_grad_(False)
         # The Bradley-Terry loss depends only on differences of rewards, so a constant added to every
-        # reward gets no gradient: the head has no bias (as transformers' *ForSequenceClassification
-        # heads), and the final norm's bias, which only shifts every reward by head . bias, is frozen.
+        # reward gets no gradient. The head therefore has no bias (as transformers'
+        # *ForSequenceClassification heads), and the final norm's bias, which only shifts every
+        # reward by head . bias, is frozen.
         self.head = nn.Linear(self.config.n_embd, 1, bias=False)
         if getattr(self.gpt.norm_f, "bias", None) is not None:
             self.gpt.norm_f.bias.requires_grad_(False)

@@ -1,6 +1,7 @@
 """Tests of rlhf/losses.py and rlhf/dpo.py: the DPO, IPO and cDPO losses against numbers
-worked out by hand and against TRL, ln 2 at the start, sequence log-probs under padding,
-and smoke runs of full and LoRA DPO on a tiny GPT whose tokenizer is trained on real text.
+worked out by hand and against TRL, and ln 2 at the start. Sequence log-probs are checked
+under padding and packing. Smoke runs of full and LoRA DPO train a tiny GPT whose
+tokenizer is trained on real text.
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ def test_unknown_loss_name():
 #
 # TRL 1.16 has no standalone DPO loss function: the loss is computed inside
 # DPOTrainer._compute_loss from the model's per-token log-probs. Building a trainer needs a
-# model, a tokenizer and a dataset, so the tests call _compute_loss unbound on a stand-in
-# `self` holding only the attributes it reads, and a stand-in model that returns per-token
-# log-probs whose row sums are the given sequence log-probs. precompute_ref_logps=True makes
-# it read the reference log-probs from the batch.
+# model, a tokenizer and a dataset. Instead the tests call _compute_loss unbound on a
+# stand-in `self` with only the attributes it reads. Its stand-in model returns per-token
+# log-probs whose row sums are the given sequence log-probs, and precompute_ref_logps=True
+# makes it read the reference log-probs from the batch.
 
 
 def trl_loss(loss_type: str, beta: float, policy: tuple[torch.Tensor, torch.Tensor],
