@@ -733,7 +733,7 @@ def _diagnose(files: list[str], file_format: str, field: str) -> None:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(
-                        f"{path}, line {line_number}: not valid JSON ({e.msg} at column {e.colno}). "
+                        f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}). "
                         "Each line of a .jsonl file must be one JSON object: fix or remove the line."
                     ) from e
                 _check_record(record, field, f"{path}, line {line_number}")

@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         run(config)
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
-        # These report bad input (a missing file, an invalid record, an unsupported
-        # combination), so the message is what the user needs, not the traceback.
+    except (ValueError, OSError, EOFError, NotImplementedError) as exc:
+        # These report bad input (a missing, unreadable or corrupt file, an invalid record,
+        # an unsupported combination), so the message is what the user needs, not the traceback.
         if os.environ.get("GPTLAB_DEBUG") == "1":
             raise
         _error(str(exc))

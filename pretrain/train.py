@@ -130,11 +130,14 @@ def evaluate_bits_per_byte(model: GPT, tokens: np.ndarray, bytes_per_token: floa
 
 
 def train(cfg: PretrainConfig) -> dict:
+    ckpt_dir = Path(cfg.out_dir) / "pretrain"
+    if cfg.train.resume and not (ckpt_dir / "train_state.pt").exists():
+        raise FileNotFoundError(f"nothing to resume: {ckpt_dir / 'train_state.pt'} does not exist; drop --resume "
+                                f"to start a new run")
     distributed.setup(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     with distributed.main_first():  # rank 0 trains the tokenizer and writes the shards; the others reuse them
         tokenizer, tokenizer_path, meta = prepare_run(cfg.data, cfg.out_dir)
-    ckpt_dir = Path(cfg.out_dir) / "pretrain"
     cfg.model.vocab_size = tokenizer.vocab_size
     if cfg.train.resume:
         saved = ModelConfig.from_dict(read_model_meta(ckpt_dir)["model"])
