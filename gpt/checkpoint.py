@@ -1,6 +1,6 @@
 """Checkpoint folders: weights, model config, tokenizer and resume state.
 
-A checkpoint folder holds
+A checkpoint folder contains
 
     model.safetensors   weights (safetensors, no pickled code)
     model.json          the ModelConfig and the step the weights are from
@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 
 
 def _state_dict_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's tensors without the tied output weight, contiguous and on the CPU."""
+    """Return the model's tensors without the tied output weight, contiguous and on the CPU."""
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)

@@ -1,7 +1,7 @@
 """Process groups for `torchrun`: data parallel (DDP) and fully sharded (FSDP2) training.
 
 Launched by `torchrun`, each process finds RANK, LOCAL_RANK and WORLD_SIZE in
-its environment; `setup()` joins the process group with `nccl` when CUDA is
+its environment. `setup()` joins the process group with `nccl` when CUDA is
 available and `gloo` otherwise. Launched plainly, everything here acts as a
 group of one and the collectives return their input.
 """

@@ -124,8 +124,8 @@ class GPTOutput(NamedTuple):
 class KVCache:
     """Preallocated keys and values of every layer for incremental decoding.
 
-    Rows advance together: all B rows hold `length` cached positions, padding
-    included, and `mask` says which of them are real tokens.
+    Rows advance together: all B rows contain `length` cached positions, padding
+    included, and `mask` marks which of them are real tokens.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
@@ -440,8 +440,8 @@ class GPT(nn.Module):
         return key_mask, position_ids, custom
 
     def _attention_bias(self, key_mask, position_ids, kv_cache, T):
-        """The attention mask for SDPA: None for plain causal attention, otherwise a boolean
-        (B, 1, T, S) mask, or a float (B, H, T, S) bias for ALiBi."""
+        """Build the attention mask for SDPA: None for plain causal attention, otherwise a
+        boolean (B, 1, T, S) mask, or a float (B, H, T, S) bias for ALiBi."""
         past = kv_cache.length if kv_cache is not None else 0
         S = past + T
         alibi = self.config.pos_encoding == "alibi"
@@ -455,7 +455,8 @@ class GPT(nn.Module):
             allowed = allowed & window
         if key_mask is not None:
             allowed = allowed & key_mask[:, None, None, :]
-            # A padding query would see no key at all and SDPA would return NaN, so it sees itself.
+            # A padding query would attend to no key at all and SDPA would return NaN, so it
+            # attends to itself.
             allowed = allowed | (torch.arange(S, device=device)[None, :] == q_index)[None, None]
         if not alibi:
             return allowed

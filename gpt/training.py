@@ -223,7 +223,7 @@ class Trainer:
 
     # Resume state -----------------------------------------------------------------------
     def train_state(self) -> dict:
-        """The resume state, gathered whole on every process (a collective under torchrun).
+        """Gather the whole resume state on every process (a collective under torchrun).
 
         Weights and optimizer state are keyed by parameter name, so a state saved by
         a sharded or replicated job resumes in a job of any size.
@@ -295,8 +295,8 @@ class Trainer:
             raise ValueError(f"step {self.step}: no targets in {cfg.grad_accum} micro-batches; every example is "
                              f"masked out, so check the data and its loss mask")
         # Each process summed its losses, and the all-reduce averaged the gradients over
-        # processes; scaling by world_size / count gives the gradient of the mean over every
-        # target of the window, the same as one batch holding all micro-batches.
+        # processes. Scaling by world_size / count then gives the gradient of the mean over
+        # every target of the window, the same as one batch that contains all micro-batches.
         scale = self.world_size / count
         for p in model.parameters():
             if p.grad is not None:
@@ -383,7 +383,7 @@ class Trainer:
         distributed.barrier()
 
     def _unsharded_model(self, full_state: dict) -> nn.Module:
-        """The model with whole tensors: itself, or for a sharded run a CPU copy from `full_state`."""
+        """Return the model with whole tensors: itself, or for a sharded run a CPU copy from `full_state`."""
         if not self.sharded:
             return self.model
         copy = type(self.model)(self.model.config)
@@ -391,8 +391,8 @@ class Trainer:
         return copy
 
     def _evaluate(self) -> dict[str, float]:
-        # A sharded model runs forward passes only with every process taking part, so
-        # all of them evaluate; a replicated one is evaluated by rank 0 alone.
+        # A sharded model runs forward passes only with every process taking part, so all
+        # of them evaluate. Rank 0 alone evaluates a replicated one.
         if self.hooks.evaluate is None or not (self.is_main or self.sharded):
             return {}
         self.model.eval()
