@@ -45,7 +45,9 @@ from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer
 from rlhf.dpo import Reference, make_loss_fn
 from rlhf.losses import preference_loss
-from rlhf.preference_data import PairBatches, PreferencePair, fit_pair, load_pairs
+from rlhf.pair_batches import PairBatches, fit_pair
+from rlhf.preference_data import load_pairs
+from rlhf.preference_formats import PreferencePair
 
 LORA_R = 16
 

@@ -1,11 +1,12 @@
 """Compare the generation engine (gpt.generate) with `transformers`' `generate` on the same weights.
 
-    python benchmarks/bench_generate.py [--prompt-len 64] [--new-tokens 128] [--repeats 3] [--out FILE.json]
+    python benchmarks/bench_generate.py [--prompt-len 64] [--new-tokens 128] [--repeats 3] [--layout gpt2] [--out FILE.json]
 
 The model has the size of the `cpu` pretraining preset (n_layer 6, n_head 4, n_embd 256,
-block_size 256, vocab_size 8192) in the gpt2 layout. Its weights are random, because the
-time of a forward pass does not depend on the values of the weights or of the token ids. The
-same model is exported with gpt.hf.to_hf_model (a GPT2LMHeadModel) and both decode the
+block_size 256, vocab_size 8192) in the gpt2 layout, or with --layout llama in the llama
+layout (RoPE, RMSNorm, SwiGLU). Its weights are random, because the time of a forward pass
+does not depend on the values of the weights or of the token ids. The same model is exported
+with gpt.hf.to_hf_model (a GPT2LMHeadModel or a LlamaForCausalLM) and both decode the
 same random prompts greedily, to exactly --new-tokens tokens (no end-of-text stop), at
 batch 1 and batch 8. Batch prompts all have the same length, so neither side pads.
 
@@ -113,6 +114,8 @@ def main() -> None:
                         help="wall: elapsed time with torch's default threads; cpu: CPU time of the one thread "
                              "that computes (torch.set_num_threads(1)), which other processes on a busy machine "
                              "disturb far less")
+    parser.add_argument("--layout", choices=["gpt2", "llama"], default="gpt2",
+                        help="model layout: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU)")
     parser.add_argument("--out", help="also write the rows as JSON to this file")
     args = parser.parse_args()
     if args.clock == "cpu":
@@ -123,14 +126,14 @@ def main() -> None:
         parser.error(f"--prompt-len plus --new-tokens must be at most block_size {CPU_PRESET['block_size']}")
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**CPU_PRESET)).eval()
+    model = GPT(ModelConfig.from_layout(args.layout, **CPU_PRESET)).eval()
     models = {
         "float32": (model, to_hf_model(model).eval(), None),
         "bfloat16": (copy.deepcopy(model).to(torch.bfloat16), to_hf_model(model).to(torch.bfloat16).eval(), None),
         "autocast": (model, to_hf_model(model).eval(), torch.bfloat16),
     }
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}; {model.num_parameters() / 1e6:.1f}M parameters, "
+          f"{platform.processor() or platform.machine()}; {args.layout} layout, {model.num_parameters() / 1e6:.1f}M parameters, "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}, {args.clock} clock")
     rows = []
     for name in args.dtypes.split(","):

@@ -17,7 +17,7 @@ compare with the numbers it reports. Few-shot examples come from the task's few-
 split when it has one (MMLU: the first k dev questions of the subject; the others: a
 seeded random draw), else from the evaluated set itself, never the example being asked.
 
-Each data source is a `gpt.data.CATALOG` name (local files under $GPTLAB_DATA_DIR, else
+Each data source is a `gpt.catalog.CATALOG` name (local files under $GPTLAB_DATA_DIR, else
 the Hugging Face Hub), a local file or glob (.jsonl, .json, .csv or .txt, optionally
 gzipped), or a Hub dataset id written "owner/name" or "owner/name:split".
 """
@@ -39,7 +39,9 @@ from typing import Literal
 
 import numpy as np
 
-from gpt.data import CATALOG, DATA_DIR_ENV, TokenShards, iter_texts, load_documents, read_meta, resolve_files
+from gpt.catalog import CATALOG, DATA_DIR_ENV, resolve_files
+from gpt.data import iter_texts, load_documents
+from gpt.shards import TokenShards, read_meta
 from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 TaskKind = Literal["perplexity", "multiple_choice", "last_word", "generate", "chat"]

@@ -33,21 +33,23 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
-from peft import PeftModel
 
 from gpt import distributed
 from gpt.chat import render_prompt, stop_token_ids
 from gpt.checkpoint import MODEL_CONFIG_FILE, TOKENIZER_FILE, check_checkpoint_dir, load_model, save_model
 from gpt.config import option, save_config
 from gpt.generate import SamplingParams, generate
-from gpt.lora import TARGET_SHORTCUTS, add_lora, merge_adapter, save_adapter
+from gpt.lora import TARGET_SHORTCUTS, add_lora, is_peft_model, merge_adapter, save_adapter
 from gpt.model import GPT
 from gpt.sft_data import DEFAULT_NAMES, fit_conversations, load_mix, parse_mix, split_heldout
 from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer, plot_loss
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +369,7 @@ def train(cfg: SFTConfig) -> dict:
     prompts = [p.strip() for p in cfg.eval_prompts.split("|") if p.strip()] if cfg.eval_tokens else []
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        gpt = m.get_base_model() if isinstance(m, PeftModel) else m
+        gpt = m.get_base_model() if is_peft_model(m) else m
         results = evaluate_loss(gpt, heldout, cfg.train.eval_batches) if heldout is not None else {}
         for prompt, reply in zip(prompts, sample_replies(gpt, tokenizer, prompts, cfg.eval_tokens)):
             logger.info("reply to %s: %s", json.dumps(prompt), json.dumps(reply))
@@ -375,7 +377,7 @@ def train(cfg: SFTConfig) -> dict:
 
     def save(m: torch.nn.Module, step: int) -> None:
         meta = {"stage": "sft", **record}
-        if isinstance(m, PeftModel):
+        if is_peft_model(m):
             save_adapter(m, out_dir / ADAPTER_DIR, base_dir)
             meta["adapter"] = ADAPTER_DIR
             m = merge_adapter(copy.deepcopy(m))

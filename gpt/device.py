@@ -4,8 +4,11 @@ device, enter autocast and turn tokens/s into model FLOPs utilization (MFU)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +28,9 @@ GPU_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
     ("V100", 125.0),  # fp16 tensor cores; V100 has no bf16
     ("T4", 65.0),  # fp16 tensor cores; T4 has no bf16
 ]
+
+# The environment variable naming the folder of peak_flops.json, the highest matmul peaks measured here.
+CACHE_DIR_ENV = "GPTLAB_CACHE_DIR"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,8 +103,46 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 20
     return 2 * size**3 * count / (time.perf_counter() - start)
 
 
+def _peak_cache_path() -> Path:
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "gptlab")
+    return Path(root).expanduser() / "peak_flops.json"
+
+
+def _highest_peak(key: str, measured: float) -> float:
+    """Return the highest peak recorded under `key`, `measured` included, and record it.
+
+    A measurement taken while other jobs share the processor comes out low, and MFU
+    computed from it comes out high, sometimes above 100%. Keeping the best value seen on
+    this machine makes MFU comparable between runs. A cache that cannot be read or
+    written is ignored: MFU is a report, never a reason to stop a run.
+    """
+    path = _peak_cache_path()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    recorded = known.get(key)
+    if isinstance(recorded, (int, float)) and recorded >= measured:
+        return float(recorded)
+    try:
+        from gpt.files import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**known, key: measured}, indent=2, sort_keys=True) + "\n")
+    except OSError as error:
+        logger.debug("could not record the matmul peak in %s: %s", path, error)
+    return measured
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float = 0.0) -> float:
-    """Peak FLOP/s for MFU: the user's value, else the GPU table, else a short measurement."""
+    """Peak FLOP/s for MFU: the user's value, else the GPU table, else a measurement.
+
+    A measured peak is the highest of this measurement and the earlier ones on the same
+    device, dtype and thread count, kept in peak_flops.json under $GPTLAB_CACHE_DIR
+    (default ~/.cache/gptlab).
+    """
     if override_tflops > 0:
         return override_tflops * 1e12
     if device.type == "cuda":
@@ -108,7 +152,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
                 scale = 1.0 if dtype in (torch.bfloat16, torch.float16) else 0.5  # TF32 is about half
                 return tflops * 1e12 * scale
         logger.warning("no peak FLOP/s known for %s; measuring one (set peak_tflops to override)", name)
-    flops = measure_matmul_peak(device, dtype)
-    logger.info("measured %s matmul peak on %s: %.1f TFLOP/s (used for MFU)", str(dtype).removeprefix("torch."),
-                device, flops / 1e12)
+    else:
+        name = f"{torch.backends.cpu.get_cpu_capability()} x{os.cpu_count()}"
+    measured = measure_matmul_peak(device, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    flops = _highest_peak(f"{device.type} {name} {dtype_name} threads={torch.get_num_threads()}", measured)
+    logger.info("measured %s matmul peak on %s: %.2f TFLOP/s; using %.2f, the highest measured here (for MFU)",
+                dtype_name, device, measured / 1e12, flops / 1e12)
     return flops

@@ -70,6 +70,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each named value over all processes in one all-reduce (a collective under torchrun).
+
+    Every process must pass the same names: the values are matched by sorted name.
+
+    Returns:
+        A new dict with the sums, or a copy of `values` in a single process.
+    """
+    if not dist.is_initialized() or not values:
+        return dict(values)
+    names = sorted(values)
+    tensor = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return dict(zip(names, tensor.tolist()))
+
+
 def broadcast_float(value: float, device: torch.device) -> float:
     """Rank 0's value of `value` on every process."""
     if not dist.is_initialized():

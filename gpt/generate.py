@@ -8,9 +8,10 @@ server) calls this module, so they all sample the same way:
   `top_p_filter`, `sample_from_probs`) applied in the order of `transformers`:
   repetition penalty, temperature, top-k, top-p.
 - `generate` runs a batch of prompts of different lengths: the prompts are left-padded
-  and prefilled in one pass with an attention mask, then each step feeds one token per
-  row through the `KVCache`. Rows finish independently, on a stop token id, a stop
-  string or their token budget, and finished rows leave the batch.
+  and prefilled in one pass (with an attention mask when their lengths differ), then each
+  step feeds one token per row through the `KVCache` (the one-token step of
+  gpt/decoding.py). Rows finish independently, on a stop token id, a stop string or their
+  token budget, and finished rows leave the batch.
 - `stream` yields the text of one prompt piece by piece. It never splits a UTF-8
   character, and it never shows a stop string or text that may still turn out to be
   the start of one.
@@ -327,27 +328,6 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, block_size
                              f"0..{vocab_size - 1}; encode it with the tokenizer the model was trained with")
 
 
-def _trim_left_padding(cache: KVCache) -> None:
-    """Drop the leading cache columns that are padding in every remaining row.
-
-    After the longest rows leave the batch, the others keep padding columns that no row
-    needs. Removing them makes the cache length equal to the longest remaining sequence.
-    The learned position layout needs this because it rejects a cache longer than
-    block_size, and attention gets cheaper too.
-    """
-    # NOTE: this edits KVCache's fields directly. A KVCache.trim_left method in gpt/model.py
-    # would keep the cache layout in one place.
-    first_real = int(cache.mask[:, :cache.length].any(dim=0).long().argmax())
-    if first_real == 0:
-        return
-    cache.keys = cache.keys[:, :, :, first_real:]
-    cache.values = cache.values[:, :, :, first_real:]
-    cache.positions = cache.positions[:, first_real:]
-    cache.mask = cache.mask[:, first_real:]
-    cache.length -= first_real
-    cache.max_length -= first_real
-
-
 class _Batch:
     """The tensors of one batched generation: padded prompts, KV cache and token history."""
 
@@ -369,7 +349,9 @@ class _Batch:
             for row, prompt in enumerate(prompts):
                 idx[row, P - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
                 attention_mask[row, P - len(prompt):] = 1
-            self.idx, self.attention_mask = idx.to(device), attention_mask.to(device)
+            self.idx = idx.to(device)
+            # Prompts of equal length need no mask, and without one the prefill uses the causal kernel.
+            self.attention_mask = attention_mask.to(device) if min(lengths) < P else None
             # The last sampled token is never fed back, hence the -1.
             cache_dtype = self.amp_dtype if self.amp_dtype != torch.float32 else next(model.parameters()).dtype
             if kv_cache_dtype is not None:
@@ -378,7 +360,7 @@ class _Batch:
             # Prompt and generated ids for the repetition penalty; -1 marks padding and unused columns.
             self.history = None
             if params.repetition_penalty != 1.0:
-                self.history = torch.where(self.attention_mask.bool(), self.idx, -1)
+                self.history = torch.where(attention_mask.to(device).bool(), self.idx, -1)
                 self.history = torch.cat([self.history, self.idx.new_full((B, max(self.budgets)), -1)], dim=1)
         self.n_prompt_columns = P
 
@@ -409,7 +391,7 @@ class _Batch:
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Keep only the batch rows in `keep` (positions in the current batch)."""
         self.cache.reorder(keep)
-        _trim_left_padding(self.cache)
+        self.cache.trim_left()
         if self.history is not None:
             self.history = self.history[keep]
 
@@ -510,8 +492,9 @@ def _decode_loop(model, prompts, params, tokenizer, stop_ids, pad_id, device, dt
         if generator is not None:
             # One number per prompt of the batch, finished or not, so that a row's draws do
             # not depend on when the other rows finish.
-            all_uniforms = torch.rand(B, generator=generator, device=device)
-            uniforms = all_uniforms[torch.tensor(active, device=device)]
+            uniforms = torch.rand(B, generator=generator, device=device)
+            if len(active) < B:
+                uniforms = uniforms[torch.tensor(active, device=device)]
         tokens = batch.sample(logits, step, uniforms)
         outputs, keep = [], []
         for position, (row, token) in enumerate(zip(active, tokens.tolist())):

@@ -56,22 +56,24 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
-from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gpt.hf import export_layout
 from gpt.model import GPT, ModelConfig
+
+# peft and gpt.hf import transformers, which takes seconds: stages import this module at
+# start even when they train without LoRA, so the functions that need them import them.
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,12 @@ class LoraWeights(NamedTuple):
     @property
     def rank(self) -> int:
         return self.A.size(0)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Tell whether `model` is a PeftModel, without importing peft when nothing has."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def resolve_targets(targets: str | Sequence[str], config: ModelConfig) -> list[str]:
@@ -163,6 +171,8 @@ def add_lora(model: GPT, r: int, alpha: float, dropout: float, targets: str | Se
         problems.append(f"the LoRA dropout must be in [0, 1), got {dropout}")
     if problems:
         raise ValueError("invalid LoRA settings: " + "; ".join(problems))
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                         target_modules=resolve_targets(targets, model.config))
     return get_peft_model(model, config)
@@ -178,6 +188,8 @@ def merge_adapter(model: PeftModel) -> GPT:
 
 def lora_weights(model: PeftModel) -> dict[str, LoraWeights]:
     """Collect the adapter of every LoRA layer of `model`, keyed by our module name (blocks.0.attn.q_proj)."""
+    from peft.tuners.lora import LoraLayer
+
     adapter = model.active_adapter
     found = {}
     for name, module in model.get_base_model().named_modules():
@@ -347,6 +359,8 @@ def _lora_config(adapters: dict[str, LoraWeights], n_layer: int, **settings) -> 
             rank_pattern[target] = lora.rank
         if lora.alpha != alpha:
             alpha_pattern[target] = lora.alpha
+    from peft import LoraConfig
+
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(targets), rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, bias="none", **settings)
 
@@ -367,6 +381,8 @@ def save_adapter(model: PeftModel, out_dir: str | os.PathLike, base_checkpoint: 
     """
     gpt = model.get_base_model()
     settings = model.peft_config[model.active_adapter]
+    from gpt.hf import export_layout
+
     try:
         layout = export_layout(gpt.config)
     except NotImplementedError:
@@ -425,6 +441,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
     if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
         found = raw.get("peft_type") if isinstance(raw, dict) else raw
         raise ValueError(f"{folder / ADAPTER_CONFIG_FILE} has peft_type {found!r}; only LoRA adapters (LORA) load")
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
     try:
         config = LoraConfig.from_pretrained(source)
     except (TypeError, ValueError) as error:
@@ -494,6 +513,8 @@ def load_adapter(model: GPT, adapter_dir: str | os.PathLike) -> PeftModel:
     """
     source = str(adapter_dir)
     settings, saved, parts = read_adapter(adapter_dir)
+    from gpt.hf import export_layout
+
     try:
         layout = export_layout(model.config)
     except NotImplementedError:
@@ -515,6 +536,8 @@ def load_adapter(model: GPT, adapter_dir: str | os.PathLike) -> PeftModel:
 
     config = _lora_config(adapters, model.config.n_layer, lora_dropout=settings.lora_dropout,
                           use_rslora=settings.use_rslora)
+    from peft import get_peft_model
+
     peft_model = get_peft_model(model, config)
     adapter = peft_model.active_adapter
     layers = dict(peft_model.get_base_model().named_modules())

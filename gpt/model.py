@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import option
+from gpt.decoding import KVCache, decode_step
 
 PosEncoding = Literal["learned", "rope", "alibi", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
@@ -119,43 +120,6 @@ class GPTOutput(NamedTuple):
     logits: torch.Tensor | None  # (B, T, V), None when compute_logits=False
     hidden: torch.Tensor | None  # (B, T, C) after the final norm, when return_hidden=True
     loss: torch.Tensor | None  # scalar, when targets are given
-
-
-class KVCache:
-    """Preallocated keys and values of every layer for incremental decoding.
-
-    Rows advance together: all B rows contain `length` cached positions, padding
-    included, and `mask` marks which of them are real tokens.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.positions = torch.zeros(batch_size, max_length, device=device, dtype=torch.long)
-        self.mask = torch.zeros(batch_size, max_length, device=device, dtype=torch.bool)
-        self.length = 0
-        self.max_length = max_length
-        self.padded = False  # whether any cached position came with an attention mask
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new (B, K, T, D) keys and values of `layer`; return all keys and values so far.
-
-        They are returned in the dtype of `k`, so a cache kept in a lower precision is cast back
-        for attention."""
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-        return keys.to(k.dtype), values.to(v.dtype)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the rows in `index` (for example the unfinished sequences of a batch)."""
-        self.keys = self.keys[:, index]
-        self.values = self.values[:, index]
-        self.positions = self.positions[index]
-        self.mask = self.mask[index]
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -357,7 +321,9 @@ class GPT(nn.Module):
                 a sliding window, when configured, still applies on top of it.
             position_ids: (B, T) positions; by default counted over real tokens only, so a
                 left-padded row gets the positions it would have without padding.
-            kv_cache: cache to read earlier keys from and append the new ones to.
+            kv_cache: cache to read earlier keys from and append the new ones to. With one
+                token per row and no mask, positions or targets, in eval mode without
+                gradients, the call runs the one-token step of gpt/decoding.py.
             return_hidden: also return the final hidden states (B, T, C).
             compute_logits: skip the output layer when False (reward and value heads).
             logits_to_keep: when above 0, compute logits for the last `logits_to_keep`
@@ -373,6 +339,15 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size} of this model")
         if kv_cache is not None and past + T > kv_cache.max_length:
             raise ValueError(f"KV cache too small: it has room for {kv_cache.max_length} positions, {past + T} requested")
+        if (kv_cache is not None and T == 1 and targets is None and attention_mask is None and position_ids is None
+                and not self.training and not torch.is_grad_enabled()):
+            # A step of a generation loop: gpt.decoding computes the same with less Python work.
+            step = decode_step(self, idx, kv_cache, compute_logits)
+            if step is not None:
+                logits, hidden = step
+                return GPTOutput(logits, hidden if return_hidden else None, None)
+        if kv_cache is not None:
+            kv_cache.mark_changed()
 
         key_mask, position_ids, custom_mask = self._masks_and_positions(idx, attention_mask, position_ids, kv_cache)
         if custom_mask is not None:

@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 from gpt.chat import render_prompt, stop_token_ids
-from gpt.config import ConfigError, build_config, describe_fields, option
+from gpt.config import ConfigError, build_config, option
+from gpt.config_fields import describe_fields
 from gpt.generate import SamplingParams, generate
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer

@@ -14,6 +14,7 @@ not repeat step for step; use `max_steps` for exact reproducibility.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Protocol
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,7 @@ class TrainConfig:
     """Settings of the optimization loop, shared by every training stage."""
 
     batch_size: int = option(16, "sequences per micro-batch (per process)")
-    grad_accum: int = option(1, "micro-batches per optimizer step; the global batch is batch_size * grad_accum * processes")
+    grad_accum: int = option(1, "micro-batches per optimizer step over all processes, which share them under torchrun; the global batch is batch_size * grad_accum")
     max_steps: int = option(1000, "number of optimizer steps (an upper bound when max_time is set)")
     max_time: float = option(0.0, "training time budget in seconds, 0 for none; the schedule then follows elapsed time")
     lr: float = option(1e-3, "peak learning rate")
@@ -140,7 +141,11 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
 
 class LossFn(Protocol):
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | int, dict[str, float]]:
-        """Return (sum of losses, number of targets, extra metrics) for one micro-batch."""
+        """Return (sum of losses, number of targets, extra metrics) for one micro-batch.
+
+        Every micro-batch must return the same extra metric names, because under torchrun
+        they are summed over the processes by name.
+        """
 
 
 class BatchSource(Protocol):
@@ -307,8 +312,10 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": loss_sum / count, "lr": lr, "gnorm": gnorm.item(), "tokens": int(tokens)}
-        # Extra metrics are averaged over this process's micro-batches.
-        metrics.update({key: value / self.local_accum for key, value in extras.items()})
+        # Extra metrics are averaged over the micro-batches of every process, so that rank 0
+        # logs the same values as one process running the whole global batch.
+        extras = distributed.all_reduce_sums(extras, self.device)
+        metrics.update({key: value / cfg.grad_accum for key, value in extras.items()})
         return metrics
 
     def run(self) -> dict[str, float]:
@@ -467,24 +474,50 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "") -> None:
-    """Draw training loss per step, and validation loss where evaluated, to a PNG."""
+def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "",
+              ylabel: str = "loss (nats per token)", extra: Sequence[str] = ()) -> None:
+    """Draw training loss per step, and validation loss where evaluated, to a PNG.
+
+    Args:
+        metrics_path: the run's metrics.jsonl.
+        out_path: the PNG to write.
+        title: the figure title.
+        ylabel: what the loss is, with its unit.
+        extra: names of further logged metrics (such as "accuracy"), each drawn in a
+            panel of its own beside the loss: the training value per step and the
+            "val_" value where evaluated. A metric absent from the file is left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1)
-    evals = [r for r in records if "val_loss" in r]
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [("loss", ylabel)] + [(name, name) for name in extra
+                                   if any(name in r or f"val_{name}" in r for r in records)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 + 4 * (len(panels) - 1), 4), squeeze=False)
+    for ax, (name, label) in zip(axes[0], panels):
+        steps = [r for r in records if name in r]
+        x, y = [r["step"] for r in steps], [r[name] for r in steps]
+        # Per-step values of small batches are noisy: past 50 steps draw them faint, under
+        # their running mean over a 25th of the run.
+        window = len(steps) // 25 if len(steps) >= 50 else 1
+        if window > 1:
+            ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
+            sums = [0.0, *itertools.accumulate(y)]
+            means = [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(y))]
+            ax.plot(x, means, color="tab:blue", linewidth=1.5, label=f"train {name}, mean of {window} steps")
+        elif steps:
+            ax.plot(x, y, color="tab:blue", linewidth=1, label=f"train {name}")
+        evals = [r for r in records if f"val_{name}" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r[f"val_{name}"] for r in evals], "o-", color="tab:orange",
+                    label=f"validation {name}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)

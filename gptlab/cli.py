@@ -3,6 +3,7 @@
     gptlab STAGE [--config FILE.yaml] [--preset NAME] [--FIELD VALUE ...] [FIELD=VALUE ...]
     gptlab STAGE --help
     gptlab --help
+    gptlab --version
 
 A stage is a config dataclass and a function that takes it, registered in `STAGES`
 as "module:attribute" paths. They are imported only when the stage is named, so
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -31,7 +33,9 @@ import types
 import typing
 from typing import Any, NamedTuple, Union
 
-from gpt.config import FALSE_WORDS, TRUE_WORDS, ConfigError, build_config, describe_fields, describe_groups, field_type
+from gpt.config import ConfigError, build_config
+from gpt.config_fields import describe_fields, describe_groups, field_type
+from gpt.config_values import FALSE_WORDS, TRUE_WORDS
 from gptlab.presets import get_preset, preset_names
 
 USAGE = "gptlab STAGE [--config FILE.yaml] [--preset NAME] [--FIELD VALUE ...] [FIELD=VALUE ...]"
@@ -239,7 +243,7 @@ def build_stage_config(stage_name: str, config_cls: type, args: Arguments) -> An
 def format_main_help() -> str:
     """Return the text of `gptlab --help`: usage and the registered stages."""
     width = max(len(name) for name in STAGES)
-    lines = [f"usage: {USAGE}", "       gptlab STAGE --help", "", "stages:"]
+    lines = [f"usage: {USAGE}", "       gptlab STAGE --help", "       gptlab --version", "", "stages:"]
     lines += [f"  {name:<{width}}  {stage.description}" for name, stage in STAGES.items()]
     lines += ["", "Run 'gptlab STAGE --help' to list the fields of a stage and its presets."]
     return "\n".join(lines)
@@ -296,6 +300,15 @@ def setup_logging() -> None:
     )
 
 
+def package_version() -> str:
+    """Return the installed version of the gptlab package, as its metadata records it."""
+    try:
+        return importlib.metadata.version("gptlab")
+    except importlib.metadata.PackageNotFoundError:
+        # Run from a checkout that was never installed, so no metadata exists.
+        return "unknown (not installed; run pip install -e . in the repository)"
+
+
 def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
@@ -312,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] in ("-h", "--help"):
         print(format_main_help())
+        return 0
+    if argv[0] == "--version":
+        print(f"gptlab {package_version()}")
         return 0
 
     stage_name, stage_argv = argv[0], argv[1:]

@@ -23,12 +23,9 @@ point's config is checked before anything runs. A point that exits with status 0
 with the marker or with the stage's summary.json), so an interrupted sweep resumes where
 it stopped. A point that failed or was interrupted runs again from the start.
 
-The table OUT_DIR/results.csv and results.parquet has one row per point: its overrides and
-seed, status, parameters and FLOPs per token (from model.json), tokens, wall time and
-tokens/s (from summary.json), the final and best value of every validation metric (from
-metrics.jsonl), the length evaluation (`length_eval`, pretraining only) and the metrics of
-an eval/results.json in the point's folder. OUT_DIR/sweep.json lists the swept keys for
-`gptlab plot`.
+The table OUT_DIR/results.csv and results.parquet has one row per point (its columns are
+listed in gptlab/sweep_points.py, which also expands the points and names them).
+OUT_DIR/sweep.json lists the swept keys for `gptlab plot`.
 
 Limits: points run one at a time. A point whose settings changed since it ran (another
 base or preset) is reported as a conflict, not rerun; delete its folder to rerun it.
@@ -36,13 +33,10 @@ base or preset) is reported as a conflict, not rerun; delete its folder to rerun
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -50,7 +44,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +52,23 @@ import yaml
 
 from gpt.config import ConfigError, build_config, config_to_dict, option
 from gpt.files import atomic_write_text
+from gptlab.sweep_points import (
+    DONE_FILE,
+    FAILED_FILE,
+    LENGTH_FILE,
+    LOG_FILE,
+    POINT_FILE,
+    Point,
+    expand_points,
+    is_finished,
+    point_row,
+    swept_keys,
+    write_table,
+)
 
 logger = logging.getLogger(__name__)
 
-POINT_FILE = "sweep_point.yaml"
-DONE_FILE = "sweep_done.json"
-FAILED_FILE = "sweep_failed.json"
-LOG_FILE = "sweep.log"
-LENGTH_FILE = "length_eval.json"
 SHARED_DIR = "_shared"
-MAX_NAME_LENGTH = 100
 
 
 @dataclass
@@ -116,99 +117,6 @@ class SweepConfig:
         if self.timeout_s < 0:
             found.append(f"timeout_s must be 0 (no limit) or more, got {self.timeout_s}")
         return found
-
-
-@dataclass
-class Point:
-    """One run of the sweep."""
-
-    name: str
-    overrides: dict[str, Any]  # the swept values of this point, by dotted key
-    seed: int | None
-    folder: Path
-    settings: dict[str, Any] = field(default_factory=dict)  # the point's config file: base, overrides, seed, paths
-
-
-# ---------------------------------------------------------------------------
-# Points and their names
-
-
-def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Turn nested mappings into dotted keys: {model: {n_layer: 2}} -> {"model.n_layer": 2}."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "+".join(format_value(v) for v in value)
-    if isinstance(value, Mapping):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return str(value)
-
-
-def point_name(overrides: Mapping[str, Any], seed: int | None, seed_field: str) -> str:
-    """Build a folder name from the overrides, such as "block_size=64,pos_encoding=rope,seed=1".
-
-    Keys appear by their last dotted part unless two keys share it, sorted, with the seed
-    last. Characters outside [A-Za-z0-9._+=,-] become "-", and a name over 100 characters
-    is cut and ends in a hash of the whole name, so it stays unique.
-    """
-    tails = [key.rsplit(".", 1)[-1] for key in overrides]
-    short = {key: tail if tails.count(tail) == 1 else key for key, tail in zip(overrides, tails)}
-    parts = [f"{short[key]}={format_value(overrides[key])}" for key in sorted(overrides, key=lambda k: short[k])]
-    if seed is not None:
-        parts.append(f"{seed_field.rsplit('.', 1)[-1]}={seed}")
-    name = re.sub(r"[^A-Za-z0-9._+=,-]", "-", ",".join(parts)) or "base"
-    if len(name) > MAX_NAME_LENGTH:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = f"{name[:MAX_NAME_LENGTH - 9]}-{digest}"
-    return name
-
-
-def expand_points(cfg: SweepConfig) -> list[Point]:
-    """List every point: grid product x explicit points x seeds, in that nesting order.
-
-    Raises:
-        ValueError: two points get the same overrides (and so the same folder).
-    """
-    grid_keys = list(cfg.grid)
-    grid_points = [dict(zip(grid_keys, values)) for values in itertools.product(*cfg.grid.values())]
-    explicit = list(cfg.points) or [{}]
-    seeds: list[int | None] = list(cfg.seeds) or [None]
-    points, seen = [], {}
-    for grid_point in grid_points:
-        for extra in explicit:
-            for seed in seeds:
-                overrides = {**grid_point, **flatten(extra)}
-                name = point_name(overrides, seed, cfg.seed_field)
-                if name in seen:
-                    raise ValueError(f"sweep points {seen[name]} and {overrides} both get the folder name {name!r}; "
-                                     f"remove the duplicate from grid or points")
-                seen[name] = overrides
-                folder = Path(cfg.out_dir) / name
-                # Later keys win when the stage reads the file, so a point's values override base.
-                settings = {**cfg.base, **grid_point, **extra}
-                if seed is not None:
-                    settings[cfg.seed_field] = seed
-                for key, template in cfg.point_paths.items():
-                    settings[key] = template.replace("{point}", str(folder))
-                points.append(Point(name, overrides, seed, folder, settings))
-    return points
-
-
-def swept_keys(cfg: SweepConfig) -> list[str]:
-    keys = list(cfg.grid)
-    for point in cfg.points:
-        keys += [key for key in flatten(point) if key not in keys]
-    return keys
 
 
 # ---------------------------------------------------------------------------
@@ -276,22 +184,6 @@ def ran_with_other_settings(cfg: SweepConfig, point: Point) -> bool:
                 or record.get("presets") != list(cfg.presets))
     saved = point.folder / POINT_FILE
     return saved.exists() and comparable(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}) != settings
-
-
-def stage_dir(cfg: SweepConfig, point: Point) -> Path:
-    """Find the folder the stage writes metrics.jsonl and summary.json to: POINT/STAGE when it
-    exists (pretrain's layout), else a folder of point_paths that has them, else POINT."""
-    candidates = [point.folder / cfg.stage]
-    candidates += [Path(template.replace("{point}", str(point.folder))) for template in cfg.point_paths.values()]
-    for folder in candidates:
-        if (folder / "summary.json").exists() or (folder / "metrics.jsonl").exists():
-            return folder
-    return point.folder
-
-
-def is_finished(cfg: SweepConfig, point: Point) -> bool:
-    return (point.folder / DONE_FILE).exists() or (stage_dir(cfg, point) / "summary.json").exists()
-
 
 def child_environment() -> dict[str, str]:
     """Build the environment of a point's process: progress bars off, and this checkout of gptlab
@@ -383,11 +275,15 @@ def prepare_shared(cfg: SweepConfig, stage_config: Any) -> Path:
 
 
 def link_shared(shared: Path, point: Point) -> None:
-    """Link the shared tokenizer.json and data/ into the point's run folder (relative links)."""
+    """Link the shared tokenizer.json, its tokenizer_meta.json and data/ into the point's run folder
+    (relative links)."""
+    from pretrain.prepare import TOKENIZER_FILE, TOKENIZER_META_FILE
+
     point.folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "data"):
+    for name in (TOKENIZER_FILE, TOKENIZER_META_FILE, "data"):
         link = point.folder / name
-        if not link.exists() and not link.is_symlink():
+        # A _shared folder prepared before tokenizer_meta.json existed has no record to link.
+        if (shared / name).exists() and not link.exists() and not link.is_symlink():
             link.symlink_to(os.path.relpath(shared / name, point.folder))
 
 
@@ -408,8 +304,8 @@ def evaluate_lengths(run_dir: Path, multiples: list[float], max_tokens: int) -> 
     import torch
 
     from gpt.checkpoint import load_model
-    from gpt.data import TokenShards, read_meta
     from gpt.device import resolve_device
+    from gpt.shards import TokenShards, read_meta
     from pretrain.train import evaluate_bits_per_byte
 
     device = resolve_device("auto")
@@ -433,121 +329,6 @@ def evaluate_lengths(run_dir: Path, multiples: list[float], max_tokens: int) -> 
         results[f"val_loss_{suffix}"] = values.get("val_loss")
         results[f"val_bpb_{suffix}"] = values.get("val_bpb")
     return results
-
-
-# ---------------------------------------------------------------------------
-# Results
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill
-    return records
-
-
-def model_numbers(folder: Path) -> dict[str, float]:
-    """Count parameters and FLOPs per token of the model.json in `folder`; {} without one."""
-    path = folder / "model.json"
-    if not path.exists():
-        return {}
-    import torch
-
-    from gpt.model import GPT, ModelConfig
-
-    with torch.device("meta"):
-        model = GPT(ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["model"]))
-    return {"params": model.num_parameters(), "params_no_embedding": model.num_parameters(exclude_embeddings=True),
-            "flops_per_token": model.flops_per_token()}
-
-
-def metric_columns(records: list[dict]) -> dict[str, float]:
-    """Take the final train loss, and the final and best value of every val_* metric in metrics.jsonl.
-
-    "Best" is the minimum for losses and bits per byte and the maximum for anything else."""
-    row: dict[str, float] = {}
-    if records:
-        row["final_loss"] = records[-1].get("loss")
-    keys = sorted({key for r in records for key in r if key.startswith("val_")})
-    for key in keys:
-        values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-        if not values:
-            continue
-        row[f"final_{key}"] = values[-1]
-        lower_is_better = "loss" in key or "bpb" in key
-        row[f"best_{key}"] = min(values) if lower_is_better else max(values)
-    return row
-
-
-def eval_columns(path: Path) -> dict[str, float]:
-    """Read an eval/results.json into one column per task and metric, named "eval/TASK/METRIC"."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    rows = data.get("results", data) if isinstance(data, dict) else data
-    columns = {}
-    if isinstance(rows, list):
-        for r in rows:
-            if isinstance(r, dict) and "task" in r and isinstance(r.get("value"), (int, float)):
-                columns[f"eval/{r['task']}/{r.get('metric', 'value')}"] = r["value"]
-    elif isinstance(rows, dict):  # {task: {metric: value}}
-        for task, metrics in rows.items():
-            for metric, value in (metrics.items() if isinstance(metrics, dict) else [("value", metrics)]):
-                if isinstance(value, (int, float)):
-                    columns[f"eval/{task}/{metric}"] = value
-    return columns
-
-
-def point_row(cfg: SweepConfig, point: Point) -> dict[str, Any]:
-    folder = stage_dir(cfg, point)
-    status = "pending"
-    if is_finished(cfg, point):
-        status = "done"
-    elif (point.folder / FAILED_FILE).exists():
-        status = "failed"
-    row: dict[str, Any] = {"name": point.name, "status": status, **point.overrides}
-    if point.seed is not None:
-        row[cfg.seed_field] = point.seed
-    row["run_dir"] = str(folder)
-    row.update(model_numbers(folder))
-    summary_path = folder / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        for key in ("steps", "tokens_seen", "elapsed_s", "tok_per_s", "steady_step_ms", "peak_memory_gb"):
-            if key in summary:
-                row[key] = summary[key]
-    if "flops_per_token" in row and "tokens_seen" in row:
-        row["train_flops"] = row["flops_per_token"] * row["tokens_seen"]
-    done_path = point.folder / DONE_FILE
-    if done_path.exists():
-        row["process_s"] = json.loads(done_path.read_text(encoding="utf-8")).get("process_s")
-    if (folder / "metrics.jsonl").exists():
-        row.update(metric_columns(read_jsonl(folder / "metrics.jsonl")))
-    if (point.folder / LENGTH_FILE).exists():
-        row.update(json.loads((point.folder / LENGTH_FILE).read_text(encoding="utf-8")))
-    if (point.folder / "eval" / "results.json").exists():
-        row.update(eval_columns(point.folder / "eval" / "results.json"))
-    return row
-
-
-def write_table(rows: list[dict], out_dir: Path) -> Any:
-    """Write results.csv and results.parquet; return the pandas DataFrame.
-
-    A column whose values mix types (for example numbers and None-like text) is stored as
-    text, because a parquet column has one type."""
-    import pandas as pd
-
-    table = pd.DataFrame(rows)
-    for column in table.columns:
-        kinds = {type(v) for v in table[column] if v is not None and not (isinstance(v, float) and math.isnan(v))}
-        if len(kinds) > 1 and not kinds <= {int, float}:
-            table[column] = table[column].map(lambda v: None if v is None else format_value(v))
-        elif kinds and next(iter(kinds)) in (list, tuple, dict):
-            table[column] = table[column].map(lambda v: None if v is None else format_value(v))
-    table.to_csv(out_dir / "results.csv", index=False)
-    table.to_parquet(out_dir / "results.parquet", index=False)
-    return table
 
 
 # ---------------------------------------------------------------------------

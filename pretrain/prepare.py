@@ -9,16 +9,25 @@ Every document is tokenized with `<|endoftext|>` in front of it, so the shards
 are one token stream with a boundary token before each document.
 
 `prepare_shards` writes `train_*.bin`, `val_*.bin` and `meta.json` (see
-`gpt.data.write_shards`) and reuses a folder whose meta.json records the same
+`gpt.shards.write_shards`) and reuses a folder whose meta.json records the same
 tokenizer and corpus settings.
 
+`prepare_run` trains the run's tokenizer.json once and records the data it was
+trained on in tokenizer_meta.json beside it: sources, text_field, max_documents and
+the requested vocab_size. A later run in the same folder reuses the tokenizer only
+when it requests the same values, and raises a ValueError otherwise. seed and
+val_fraction are not compared, because they change which documents are held out,
+not the corpus.
+
 Limits: reuse compares settings, not file contents. After editing a source file,
-delete the shard folder to tokenize it again.
+delete the shard folder to tokenize it again, and tokenizer.json to train the
+tokenizer on the new text.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -31,21 +40,17 @@ import numpy as np
 import pyarrow.compute as pc
 
 from gpt.config import option
-from gpt.data import (
-    META_FILE,
-    iter_texts,
-    load_documents,
-    read_meta,
-    token_dtype,
-    write_meta,
-    write_shards,
-)
+from gpt.data import iter_texts, load_documents
+from gpt.files import atomic_write_text
+from gpt.shards import META_FILE, read_meta, token_dtype, write_meta, write_shards
 from gpt.tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 META_FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_META_FILE = "tokenizer_meta.json"
 
 
 @dataclass
@@ -53,7 +58,7 @@ class DataConfig:
     """The pretraining corpus and the tokenizer trained on it."""
 
     sources: str = option("tinystories,gutenberg-children",
-                          "comma-separated catalog names (gpt.data.CATALOG) or paths of .txt/.jsonl/.json/.parquet data")
+                          "comma-separated catalog names (gpt.catalog.CATALOG) or paths of .txt/.jsonl/.json/.parquet data")
     text_field: str = option("text", "field that holds the text in json, jsonl, parquet and Hub records")
     vocab_size: int = option(8192, "tokenizer vocabulary size, including 256 byte tokens and 6 special tokens")
     val_fraction: float = option(0.02, "fraction of each source's UTF-8 bytes held out for validation, as whole documents")
@@ -334,29 +339,87 @@ def check_shards_match(meta: dict, tokenizer: Tokenizer, data_dir: str | os.Path
 class PrepareConfig:
     """Configuration of `gptlab prepare`."""
 
-    out_dir: str = option("runs/default", "run folder: tokenizer.json and data/ (the token shards) are written here")
+    out_dir: str = option("runs/default", "run folder: tokenizer.json, tokenizer_meta.json (the data it was trained on) and data/ (the token shards) are written here")
     data: DataConfig = option(DataConfig, "corpus and tokenizer")
 
     def problems(self) -> list[str]:
         return [] if self.out_dir else ["out_dir must be a folder path, got an empty string"]
 
 
+def tokenizer_settings(cfg: DataConfig) -> dict:
+    """Return the data settings a run's tokenizer is trained with, as tokenizer_meta.json records them.
+
+    vocab_size is the requested size: a small corpus can give the tokenizer fewer tokens.
+    """
+    return {
+        "sources": cfg.source_list(),
+        "text_field": cfg.text_field,
+        "max_documents": cfg.max_documents,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def _read_tokenizer_meta(path: Path, tokenizer_path: Path) -> dict:
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete {tokenizer_path} and {path} to train a new "
+                         "tokenizer, or use another out_dir") from e
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path} must contain a JSON object of data settings, got a JSON {type(recorded).__name__}; "
+                         f"delete {tokenizer_path} and {path} to train a new tokenizer, or use another out_dir")
+    return recorded
+
+
+def reuse_tokenizer(tokenizer_path: Path, cfg: DataConfig) -> Tokenizer:
+    """Load the run's existing tokenizer after checking that it was trained on the data `cfg` requests.
+
+    Raises:
+        ValueError: tokenizer_meta.json records other data settings than `cfg`, or the
+            tokenizer has more tokens than data.vocab_size. The message names both values
+            and the fix: another out_dir, or deleting tokenizer.json.
+    """
+    meta_path = tokenizer_path.with_name(TOKENIZER_META_FILE)
+    if meta_path.is_file():
+        recorded = _read_tokenizer_meta(meta_path, tokenizer_path)
+        requested = tokenizer_settings(cfg)
+        changed = [key for key in requested if recorded.get(key) != requested[key]]
+        if changed:
+            differences = "; ".join(f"data.{key} was {recorded.get(key)!r}, this run requests {requested[key]!r}"
+                                    for key in changed)
+            raise ValueError(f"{tokenizer_path} was trained on other data than this run requests ({meta_path}: "
+                             f"{differences}). Use another out_dir for this data, or delete {tokenizer_path} to "
+                             "train a new tokenizer in this folder")
+    else:
+        logger.warning("%s has no %s beside it, so the data it was trained on cannot be checked; reusing it",
+                       tokenizer_path, TOKENIZER_META_FILE)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    # A small corpus can yield fewer tokens than requested, never more.
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but data.vocab_size is "
+                         f"{cfg.vocab_size}; use another out_dir, or delete the file to train a new tokenizer")
+    logger.info("reusing tokenizer %s (%d tokens)", tokenizer_path, tokenizer.vocab_size)
+    return tokenizer
+
+
 def prepare_run(cfg: DataConfig, out_dir: str | os.PathLike) -> tuple[Tokenizer, Path, dict]:
     """Train or reuse the run's tokenizer, then write or reuse its token shards.
 
     Returns the tokenizer, the path of tokenizer.json and the shard metadata.
+
+    Raises:
+        ValueError: the folder's tokenizer was trained on other data (see `reuse_tokenizer`),
+            or the corpus cannot be loaded.
     """
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = run_dir / "tokenizer.json"
+    tokenizer_path = run_dir / TOKENIZER_FILE
     if tokenizer_path.exists():
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-        # A small corpus can yield fewer tokens than requested, never more.
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but data.vocab_size is "
-                             f"{cfg.vocab_size}; use another out_dir, or delete the file to train a new tokenizer")
-        logger.info("reusing tokenizer %s (%d tokens)", tokenizer_path, tokenizer.vocab_size)
+        tokenizer = reuse_tokenizer(tokenizer_path, cfg)
     else:
+        # Recorded first: a run killed before the tokenizer is saved leaves no tokenizer.json,
+        # so the next run trains again and rewrites the record.
+        atomic_write_text(run_dir / TOKENIZER_META_FILE, json.dumps(tokenizer_settings(cfg), indent=2) + "\n")
         tokenizer = train_tokenizer(cfg, tokenizer_path)
     data_dir = run_dir / "data"
     meta = prepare_shards(cfg, tokenizer, data_dir)

@@ -19,8 +19,8 @@ import torch
 from gpt import distributed
 from gpt.checkpoint import read_model_meta, save_model
 from gpt.config import option, save_config
-from gpt.data import TokenShards
 from gpt.model import GPT, ModelConfig
+from gpt.shards import TokenShards
 from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer, plot_loss
 from pretrain.prepare import DataConfig, prepare_run

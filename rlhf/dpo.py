@@ -8,7 +8,7 @@ with DPO, IPO or conservative DPO, against the frozen starting policy as the ref
 
 The chosen and the rejected conversations of a micro-batch run through the model in one
 forward pass, packed by default into rows no longer than the longest of them (see
-`rlhf.preference_data.collate_pairs`), which skips most of the padding. A sequence's
+`rlhf.pair_batches.collate_pairs`), which skips most of the padding. A sequence's
 log-probability sums the reply tokens only (the reply's content and its closing
 <|end|>), never the prompt or padding. IPO divides each sum by the reply's token count
 (see `rlhf.losses`). The reference log-probs of a batch are computed first, under
@@ -51,17 +51,17 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
-from peft import PeftModel
 
 from gpt import distributed
 from gpt.checkpoint import MODEL_CONFIG_FILE, TOKENIZER_FILE, check_checkpoint_dir, load_model, save_model
 from gpt.config import option, save_config
-from gpt.lora import TARGET_SHORTCUTS, add_lora, merge_adapter, save_adapter
+from gpt.lora import TARGET_SHORTCUTS, add_lora, is_peft_model, merge_adapter, save_adapter
 from gpt.model import GPT, MLP, Attention
 from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer, plot_loss
 from rlhf.losses import PREFERENCE_LOSSES, preference_loss, sequence_logprobs
-from rlhf.preference_data import PairBatches, PairDataConfig, prepare_pairs
+from rlhf.pair_batches import PairBatches
+from rlhf.preference_data import PairDataConfig, prepare_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Reference:
     def __init__(self, policy: nn.Module) -> None:
         self.policy = policy
         self.copy: GPT | None = None
-        if not isinstance(policy, PeftModel):
+        if not is_peft_model(policy):
             self.copy = copy.deepcopy(policy).requires_grad_(False).eval()
 
     def to(self, device: torch.device) -> "Reference":
@@ -338,7 +338,7 @@ def train(cfg: DPOConfig) -> dict:
 
     def save(m: nn.Module, step: int) -> None:
         meta = {"stage": "dpo", **record}
-        if isinstance(m, PeftModel):
+        if is_peft_model(m):
             save_adapter(m, out_dir / ADAPTER_DIR, policy_dir)
             meta["adapter"] = ADAPTER_DIR
             m = merge_adapter(copy.deepcopy(m))
@@ -351,7 +351,8 @@ def train(cfg: DPOConfig) -> dict:
     reference.to(trainer.device)
     summary = trainer.run()
     if distributed.is_main():
-        plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png", title=f"dpo ({cfg.loss}) {out_dir.parent.name}")
+        plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png", title=f"{cfg.loss} {out_dir.parent.name}",
+                  ylabel=f"{cfg.loss} loss (per pair)", extra=("rewards/accuracies", "kl/chosen_per_token"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         logger.info("checkpoint: %s%s", out_dir, f" (adapter in {out_dir / ADAPTER_DIR})" if cfg.lora_r else "")
     return summary

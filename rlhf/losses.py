@@ -26,9 +26,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from peft import PeftModel
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt.lora import is_peft_model
 from gpt.model import GPT
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def unwrap_gpt(model: nn.Module) -> GPT:
     while not isinstance(model, GPT):
         if isinstance(model, DistributedDataParallel):
             model = model.module
-        elif isinstance(model, PeftModel):
+        elif is_peft_model(model):
             model = model.get_base_model()
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod

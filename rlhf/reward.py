@@ -42,7 +42,8 @@ from gpt.model import GPT, ModelConfig
 from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer, plot_loss
 from rlhf.losses import bradley_terry_loss
-from rlhf.preference_data import PAD_ID, PairBatches, PairDataConfig, prepare_pairs
+from rlhf.pair_batches import PAD_ID, PairBatches
+from rlhf.preference_data import PairDataConfig, prepare_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +295,8 @@ def train(cfg: RewardConfig) -> dict:
                   tokens_per_batch=lambda batch: batch["n_tokens"], flops_per_token=flops)
     summary = Trainer(model, cfg.train, out_dir, batches, hooks).run()
     if distributed.is_main():
-        plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png", title=f"reward {out_dir.parent.name}")
+        plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png", title=f"reward {out_dir.parent.name}",
+                  ylabel="Bradley-Terry loss (nats per pair)", extra=("accuracy", "margin"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         logger.info("reward model: %s", out_dir)
     return summary

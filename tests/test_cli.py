@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import re
@@ -261,6 +262,26 @@ def test_main_help_lists_stages(capsys):
     for name in ("prepare", "pretrain", "sample", "export", "demo"):
         assert re.search(rf"^  {name} ", out, re.MULTILINE)
     assert "a stage for tests" in out
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"gptlab {importlib.metadata.version('gptlab')}\n"
+
+
+def test_version_matches_pyproject(capsys):
+    declared = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"gptlab {declared}\n"
+
+
+def test_version_not_installed(capsys, monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == "gptlab unknown (not installed; run pip install -e . in the repository)\n"
 
 
 def test_no_arguments_usage(capsys):

@@ -1,4 +1,5 @@
-"""Tests for gpt.config: key lookup, value parsing, precedence, validation, save and load."""
+"""Tests for gpt.config, gpt.config_fields and gpt.config_values: key lookup, value parsing,
+precedence, validation, save and load."""
 
 from __future__ import annotations
 
@@ -11,17 +12,8 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from gpt.config import (
-    ConfigError,
-    build_config,
-    config_to_dict,
-    describe_fields,
-    describe_groups,
-    field_type,
-    load_config,
-    option,
-    save_config,
-)
+from gpt.config import ConfigError, build_config, config_to_dict, load_config, option, save_config
+from gpt.config_fields import describe_fields, describe_groups, field_type
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""Tests for gpt.data and pretrain.prepare: catalog, document loading, bad input, token shards, shard preparation."""
+"""Tests for gpt.catalog, gpt.data, gpt.shards and pretrain.prepare: catalog, document loading,
+bad input, token shards, shard preparation and the run folder's tokenizer."""
 
 from __future__ import annotations
 
 import glob
 import gzip
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,19 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt.data import (
-    CATALOG,
-    DATA_DIR_ENV,
-    TokenShards,
-    load_documents,
-    read_meta,
-    resolve_files,
-    strip_gutenberg,
-    token_dtype,
-    write_meta,
-    write_shards,
-)
+from gpt.catalog import CATALOG, DATA_DIR_ENV, resolve_files
+from gpt.data import load_documents, strip_gutenberg
+from gpt.shards import TokenShards, read_meta, token_dtype, write_meta, write_shards
 from gpt.tokenizer import Tokenizer
+from gptlab.cli import main
 from pretrain import prepare
 from pretrain.prepare import DataConfig, check_shards_match, choose_validation, prepare_shards, train_tokenizer
 
@@ -488,3 +482,84 @@ def test_check_shards_match(prepared):
     other = Tokenizer.train(["other words entirely, other words"] * 10, vocab_size=300)
     with pytest.raises(ValueError, match=rf"token shards in {out / 'data'} were made with tokenizer .* Delete"):
         check_shards_match(read_meta(out / "data"), other)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder's tokenizer
+
+
+def write_corpus(path: Path, animal: str) -> Path:
+    stories = [f"Story {i}: the {animal} went to the market and came back with bread and {i} apples." for i in range(30)]
+    path.write_text("\n\n".join(stories) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpora(tmp_path) -> tuple[Path, Path]:
+    return write_corpus(tmp_path / "cats.txt", "cat"), write_corpus(tmp_path / "dogs.txt", "dog")
+
+
+def corpus_config(source: Path, **overrides) -> DataConfig:
+    settings = {"vocab_size": 300, "val_fraction": 0.1, "num_proc": 1, **overrides}
+    return DataConfig(sources=str(source), **settings)
+
+
+def test_tokenizer_meta_written(corpora, tmp_path):
+    prepare.prepare_run(corpus_config(corpora[0]), tmp_path / "run")
+    recorded = json.loads((tmp_path / "run" / "tokenizer_meta.json").read_text())
+    assert recorded == {"sources": [str(corpora[0])], "text_field": "text", "max_documents": 0, "vocab_size": 300}
+
+
+def test_tokenizer_reused_with_same_data(corpora, tmp_path, monkeypatch):
+    first, _, _ = prepare.prepare_run(corpus_config(corpora[0]), tmp_path / "run")
+
+    def fail(*args):
+        raise AssertionError("prepare_run trained a new tokenizer instead of reusing the run's")
+
+    monkeypatch.setattr(prepare, "train_tokenizer", fail)
+    # Another seed changes the validation split, not the corpus, so the tokenizer stays.
+    again, _, _ = prepare.prepare_run(corpus_config(corpora[0], seed=7), tmp_path / "run")
+    assert again.fingerprint == first.fingerprint
+
+
+def test_tokenizer_other_sources_rejected(corpora, tmp_path):
+    prepare.prepare_run(corpus_config(corpora[0]), tmp_path / "run")
+    with pytest.raises(ValueError) as info:
+        prepare.prepare_run(corpus_config(corpora[1]), tmp_path / "run")
+    message = str(info.value)
+    assert f"{tmp_path / 'run' / 'tokenizer.json'} was trained on other data than this run requests" in message
+    assert f"({tmp_path / 'run' / 'tokenizer_meta.json'}: " in message
+    assert f"data.sources was {[str(corpora[0])]!r}, this run requests {[str(corpora[1])]!r}" in message
+    assert "Use another out_dir for this data, or delete" in message
+
+
+def test_tokenizer_larger_vocab_rejected(corpora, tmp_path):
+    prepare.prepare_run(corpus_config(corpora[0]), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"data\.vocab_size was 300, this run requests 400"):
+        prepare.prepare_run(corpus_config(corpora[0], vocab_size=400), tmp_path / "run")
+
+
+def test_tokenizer_retrained_after_delete(corpora, tmp_path):
+    run = tmp_path / "run"
+    first, _, _ = prepare.prepare_run(corpus_config(corpora[0]), run)
+    (run / "tokenizer.json").unlink()
+    second, _, _ = prepare.prepare_run(corpus_config(corpora[1]), run)
+    assert second.fingerprint != first.fingerprint
+    assert json.loads((run / "tokenizer_meta.json").read_text())["sources"] == [str(corpora[1])]
+
+
+def test_tokenizer_without_meta_reused(corpora, tmp_path, caplog):
+    run = tmp_path / "run"
+    first, _, _ = prepare.prepare_run(corpus_config(corpora[0]), run)
+    (run / "tokenizer_meta.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="pretrain.prepare"):
+        again, _, _ = prepare.prepare_run(corpus_config(corpora[1]), run)
+    assert again.fingerprint == first.fingerprint
+    assert "has no tokenizer_meta.json beside it" in caplog.text
+
+
+def test_prepare_command_rejects_other_data(corpora, tmp_path, capsys):
+    settings = ["data.vocab_size=300", "data.val_fraction=0.1", "data.num_proc=1"]
+    assert main(["prepare", f"out_dir={tmp_path / 'run'}", f"data.sources={corpora[0]}", *settings]) == 0
+    assert main(["prepare", f"out_dir={tmp_path / 'run'}", f"data.sources={corpora[1]}", *settings]) == 2
+    assert "tokenizer.json was trained on other data than this run requests" in capsys.readouterr().err

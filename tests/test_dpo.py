@@ -34,7 +34,9 @@ from rlhf.losses import (
     sequence_logprobs,
     token_logprobs,
 )
-from rlhf.preference_data import PairBatches, PreferencePair, collate_pairs, load_pairs, tokenize_pairs
+from rlhf.pair_batches import PairBatches, collate_pairs, tokenize_pairs
+from rlhf.preference_data import load_pairs
+from rlhf.preference_formats import PreferencePair
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("GPTLAB_DATA_DIR")

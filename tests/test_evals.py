@@ -15,8 +15,8 @@ from evals.harness import EvalConfig, format_table
 from evals.metrics import Accuracy, BitsPerByte, NumberExactMatch, WinRate, extract_number
 from evals.scoring import load_reward_scorer
 from gpt.checkpoint import save_model
-from gpt.data import token_dtype, write_meta, write_shards
 from gpt.model import GPT, ModelConfig
+from gpt.shards import token_dtype, write_meta, write_shards
 from gpt.tokenizer import Tokenizer
 from gptlab.cli import main
 

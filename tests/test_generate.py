@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
@@ -16,6 +17,7 @@ from transformers.generation.logits_process import (
 
 from gpt.checkpoint import save_model
 from gpt.config import build_config
+from gpt.decoding import DecodePlan, _Matmuls, _onednn_linear_works
 from gpt.generate import (
     SamplingParams,
     StopStringMatcher,
@@ -28,7 +30,7 @@ from gpt.generate import (
     top_k_filter,
     top_p_filter,
 )
-from gpt.model import GPT, ModelConfig
+from gpt.model import GPT, KVCache, ModelConfig
 from gpt.tokenizer import Tokenizer
 from gptlab.sample import SEPARATOR, SampleConfig, parse_stop_strings, run
 
@@ -300,6 +302,340 @@ def test_max_new_tokens_gives_length():
     completion = generate(tiny_model(), [[1, 2, 3]], SamplingParams(max_new_tokens=5, temperature=0.0))[0]
     assert len(completion.tokens) == 5
     assert completion.finish_reason == "length"
+
+
+# ---------------------------------------------------------------------------
+# The one-token decoding step (gpt/decoding.py) against GPT.forward's general path
+
+DECODE_CASES = {
+    "learned": ("gpt2", {}),
+    "rope": ("gpt2", {"pos_encoding": "rope"}),
+    "alibi": ("gpt2", {"pos_encoding": "alibi"}),
+    "none": ("gpt2", {"pos_encoding": "none"}),
+    "no_bias_untied": ("gpt2", {"bias": False, "tie_embeddings": False}),
+    "llama_gqa": ("llama", {"n_kv_head": 2}),
+    "llama_mqa_qk_norm": ("llama", {"n_kv_head": 1, "qk_norm": True}),
+    "window_rope": ("llama", {"sliding_window": 5}),
+    "window_alibi": ("gpt2", {"pos_encoding": "alibi", "sliding_window": 5}),
+}
+
+
+def randomized(model: GPT, seed: int = 0) -> GPT:
+    """Redraw every weight with a larger spread (norm weights near 1), so that logits differ
+    by more than the tolerance between positions and a wrong mask or position shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm_weight = "norm" in name and name.endswith("weight")
+            param.copy_(1.0 + 0.3 * noise if is_norm_weight else 0.2 * noise)
+    return model.eval()
+
+
+def ragged_batch(kind: str = "ragged") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Return (3, 9) prompts left-padded to 9, 5 and 2 real tokens, their mask, and (3, 8)
+    tokens to feed after them. Kind "unpadded" drops the padding, and "single" keeps the first row only."""
+    generator = torch.Generator().manual_seed(1)
+    idx = torch.randint(1, 64, (3, 9), generator=generator)
+    new_tokens = torch.randint(1, 64, (3, 8), generator=generator)
+    if kind == "single":
+        return idx[:1], None, new_tokens[:1]
+    if kind == "unpadded":
+        return idx, None, new_tokens
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    return idx, mask, new_tokens
+
+
+def general_step(model: GPT, idx: torch.Tensor, **kwargs):
+    """GPT.forward's general path for a call that would take the one-token step: the step
+    requires gradients off, so the same call runs with them on."""
+    with torch.enable_grad():
+        out = model(idx, **kwargs)
+    return out._replace(logits=out.logits.detach())
+
+
+def cached_logits(model: GPT, idx, mask, new_tokens, general: bool = False, max_length: int | None = None,
+                  position_ids: torch.Tensor | None = None, **cache_args):
+    """Prefill `idx`, then feed `new_tokens` one column at a time. Return the (B, n + 1, V)
+    logits after the prompt and after each token, and the cache. With `general`, the steps
+    run through GPT.forward's general path (see `general_step`)."""
+    B = idx.size(0)
+    cache = KVCache(model.config, B, max_length or idx.size(1) + new_tokens.size(1), **cache_args)
+    steps = [model(idx, attention_mask=mask, position_ids=position_ids, kv_cache=cache).logits[:, -1]]
+    for t in range(new_tokens.size(1)):
+        token = new_tokens[:, t:t + 1]
+        out = general_step(model, token, kv_cache=cache) if general else model(token, kv_cache=cache)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, dim=1), cache
+
+
+def uncached_logits(model: GPT, idx, mask, new_tokens) -> torch.Tensor:
+    full_mask = None if mask is None else torch.cat([mask, torch.ones_like(new_tokens)], dim=1)
+    return model(torch.cat([idx, new_tokens], dim=1), attention_mask=full_mask).logits[:, idx.size(1) - 1:]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("batch", ["ragged", "unpadded", "single"])
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+@torch.no_grad()
+def test_decode_step_matches_forward(case, batch):
+    layout, overrides = DECODE_CASES[case]
+    model = randomized(tiny_model(layout, **overrides))
+    idx, mask, new_tokens = ragged_batch(batch)
+
+    fast, cache = cached_logits(model, idx, mask, new_tokens)
+    general, _ = cached_logits(model, idx, mask, new_tokens, general=True)
+    uncached = uncached_logits(model, idx, mask, new_tokens)
+
+    assert isinstance(cache.decode_plan, DecodePlan)  # the steps took the fast path
+    assert uncached.std() > 0.5  # logits large enough for the tolerance to mean something
+    assert max_diff(fast, general) < 1e-5
+    assert max_diff(fast, uncached) < 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@torch.inference_mode()
+def test_matmul_forms_match_linear(rows, dtype, bias):
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((48, 16), (16, 48)):  # a wide and a tall matrix take different forms
+        weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+        b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+        x = torch.randn(rows, in_features, generator=generator).to(dtype)
+        result = _Matmuls(rows, autocast_dtype=None).matmul(weight, b)(x)
+        torch.testing.assert_close(result, F.linear(x, weight, b))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@torch.inference_mode()
+def test_matmul_forms_match_linear_under_autocast(rows):
+    generator = torch.Generator().manual_seed(0)
+    weight, b, x = (torch.randn(shape, generator=generator) for shape in ((48, 16), (48,), (rows, 16)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, weight, b)
+        result = _Matmuls(rows, autocast_dtype=torch.bfloat16).matmul(weight, b)(x)
+    assert result.dtype == torch.bfloat16
+    torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_onednn_linear_in_use():
+    # Without it, decoding several rows on a CPU falls back to a slower product, silently.
+    assert _onednn_linear_works()
+
+
+@torch.no_grad()
+def test_decode_step_without_onednn(monkeypatch):
+    monkeypatch.setattr("gpt.decoding._onednn_linear_works", lambda: False)
+    model = randomized(tiny_model("llama", n_kv_head=2))
+    idx, mask, new_tokens = ragged_batch()
+    fast, cache = cached_logits(model, idx, mask, new_tokens)
+    general, _ = cached_logits(model, idx, mask, new_tokens, general=True)
+    assert isinstance(cache.decode_plan, DecodePlan)
+    assert max_diff(fast, general) < 1e-5
+
+
+@pytest.mark.parametrize("batch", ["ragged", "single"])
+@torch.no_grad()
+def test_decode_step_bfloat16_weights(batch):
+    model = randomized(tiny_model("llama", n_kv_head=2)).to(torch.bfloat16)
+    idx, mask, new_tokens = ragged_batch(batch)
+    fast, cache = cached_logits(model, idx, mask, new_tokens, dtype=torch.bfloat16)
+    general, _ = cached_logits(model, idx, mask, new_tokens, general=True, dtype=torch.bfloat16)
+    scale = general.abs().max().item()
+    assert isinstance(cache.decode_plan, DecodePlan)
+    assert max_diff(fast.float(), general.float()) < 0.02 * scale
+
+
+@torch.no_grad()
+def test_decode_step_under_autocast():
+    """Steps under bfloat16 autocast match the general path under autocast; a step after
+    autocast ends rebuilds the plan and matches the float32 general path."""
+    model = randomized(tiny_model("gpt2"))
+    idx, mask, new_tokens = ragged_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, cache = cached_logits(model, idx, mask, new_tokens[:, :7], max_length=17)
+        general, general_cache = cached_logits(model, idx, mask, new_tokens[:, :7], general=True, max_length=17)
+    scale = general.abs().max().item()
+    assert cache.decode_plan.autocast == torch.bfloat16
+    assert max_diff(fast.float(), general.float()) < 0.02 * scale
+
+    last = new_tokens[:, 7:]
+    fast_last = model(last, kv_cache=cache).logits
+    general_last = general_step(model, last, kv_cache=general_cache).logits
+    assert cache.decode_plan.autocast is None
+    assert fast_last.dtype == torch.float32
+    assert max_diff(fast_last, general_last) < 1e-5
+
+
+@torch.no_grad()
+def test_decode_step_bfloat16_cache():
+    model = randomized(tiny_model("llama", n_kv_head=2))
+    idx, mask, new_tokens = ragged_batch()
+    fast, cache = cached_logits(model, idx, mask, new_tokens, dtype=torch.bfloat16)
+    general, _ = cached_logits(model, idx, mask, new_tokens, general=True, dtype=torch.bfloat16)
+    # Both round the same keys and values to bfloat16, up to a rounding step where the
+    # fused q/k/v matmul and the separate ones differ in the last float32 bit.
+    assert cache.keys.dtype == torch.bfloat16
+    assert isinstance(cache.decode_plan, DecodePlan)
+    assert max_diff(fast, general) < 1e-2
+
+
+@pytest.mark.parametrize("batch", ["ragged", "unpadded"])
+@torch.no_grad()
+def test_decode_step_after_given_positions(batch):
+    """After a prefill with positions given by the caller, the steps number the new tokens as
+    GPT.forward does: by counting real tokens when the prefill had a mask, else from the last position."""
+    model = randomized(tiny_model("gpt2", pos_encoding="rope"))
+    idx, mask, new_tokens = ragged_batch(batch)
+    positions = torch.arange(idx.size(1)).expand(idx.size(0), -1) + 5
+    fast, cache = cached_logits(model, idx, mask, new_tokens, position_ids=positions)
+    general, _ = cached_logits(model, idx, mask, new_tokens, general=True, position_ids=positions)
+    assert isinstance(cache.decode_plan, DecodePlan)
+    assert max_diff(fast, general) < 1e-5
+
+
+@pytest.mark.parametrize("batch", ["ragged", "unpadded"])
+@torch.no_grad()
+def test_decode_step_after_general_append(batch):
+    """Fast steps, then three tokens at once through the general path, with a padding column
+    in one row, then fast steps again: they must mask that column and not count it."""
+    model = randomized(tiny_model("gpt2", pos_encoding="alibi", sliding_window=6))
+    idx, mask, new_tokens = ragged_batch(batch)
+    B, P = idx.shape
+    append_mask = torch.ones(B, 3, dtype=torch.long)
+    append_mask[1, 0] = 0
+    cache = KVCache(model.config, B, P + new_tokens.size(1))
+    steps = [model(idx, attention_mask=mask, kv_cache=cache).logits[:, -1]]
+    for t in range(3):
+        steps.append(model(new_tokens[:, t:t + 1], kv_cache=cache).logits[:, -1])
+    steps.append(model(new_tokens[:, 3:6], attention_mask=append_mask, kv_cache=cache).logits[:, -1])
+    for t in range(6, 8):
+        steps.append(model(new_tokens[:, t:t + 1], kv_cache=cache).logits[:, -1])
+
+    prompt_mask = mask if mask is not None else torch.ones(B, P, dtype=torch.long)
+    full_mask = torch.cat([prompt_mask, torch.ones(B, 3, dtype=torch.long), append_mask,
+                           torch.ones(B, 2, dtype=torch.long)], dim=1)
+    full = model(torch.cat([idx, new_tokens], dim=1), attention_mask=full_mask).logits
+    expected = full[:, [P - 1, P, P + 1, P + 2, P + 5, P + 6, P + 7]]
+    assert max_diff(torch.stack(steps, dim=1), expected) < 1e-4
+
+
+@torch.no_grad()
+def test_decode_step_after_trim():
+    """Rows that are all left-padded: trimming the shared padding columns mid-decode."""
+    model = randomized(tiny_model("llama", sliding_window=5))
+    idx, mask, new_tokens = ragged_batch()
+    idx, mask, new_tokens = idx[1:], mask[1:], new_tokens[1:]  # 4 and 7 padding columns: 4 are shared
+    cache = KVCache(model.config, 2, idx.size(1) + new_tokens.size(1))
+    steps = [model(idx, attention_mask=mask, kv_cache=cache).logits[:, -1]]
+    for t in range(3):
+        steps.append(model(new_tokens[:, t:t + 1], kv_cache=cache).logits[:, -1])
+    cache.trim_left()
+    for t in range(3, 8):
+        steps.append(model(new_tokens[:, t:t + 1], kv_cache=cache).logits[:, -1])
+    assert cache.length == idx.size(1) + new_tokens.size(1) - 4
+    assert max_diff(torch.stack(steps, dim=1), uncached_logits(model, idx, mask, new_tokens)) < 1e-4
+
+
+@torch.no_grad()
+def test_decode_step_after_reorder():
+    model = randomized(tiny_model("llama", n_kv_head=2))
+    idx, mask, new_tokens = ragged_batch()
+    B = idx.size(0)
+    cache = KVCache(model.config, B, idx.size(1) + new_tokens.size(1))
+    model(idx, attention_mask=mask, kv_cache=cache)
+    for t in range(3):
+        model(new_tokens[:, t:t + 1], kv_cache=cache)
+    keep = torch.tensor([1, 2])  # the longest row leaves, so the leading padding column goes too
+    cache.reorder(keep)
+    cache.trim_left()
+    steps = [model(new_tokens[keep, t:t + 1], kv_cache=cache).logits[:, -1] for t in range(3, 8)]
+    expected = uncached_logits(model, idx[keep], mask[keep], new_tokens[keep])[:, 4:]
+    assert cache.length == idx.size(1) + new_tokens.size(1) - 4
+    assert max_diff(torch.stack(steps, dim=1), expected) < 1e-4
+
+
+@torch.no_grad()
+def test_decode_step_applies_lora():
+    from gpt.lora import add_lora
+
+    model = randomized(tiny_model("llama", n_kv_head=2))
+    idx, mask, new_tokens = ragged_batch()
+    plain, _ = cached_logits(model, idx, mask, new_tokens)
+    adapted = add_lora(model, r=4, alpha=8.0, dropout=0.0, targets="q_proj,v_proj,up_proj")
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+    gpt = adapted.get_base_model().eval()
+
+    fast, cache = cached_logits(gpt, idx, mask, new_tokens)
+    general, _ = cached_logits(gpt, idx, mask, new_tokens, general=True)
+
+    assert isinstance(cache.decode_plan, DecodePlan)
+    assert max_diff(fast, plain) > 0.1  # the adapters change the logits
+    assert max_diff(fast, general) < 1e-5
+
+
+@torch.no_grad()
+def test_decode_step_runs_module_hooks():
+    model = randomized(tiny_model())
+    idx, _, new_tokens = ragged_batch("unpadded")
+    calls = []
+    model.blocks[1].mlp.up_proj.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    cached_logits(model, idx, None, new_tokens)
+    assert len(calls) == 1 + new_tokens.size(1)  # the prefill, then every step
+
+
+@torch.no_grad()
+def test_decode_step_leaves_hooked_block_to_forward():
+    model = randomized(tiny_model())
+    idx, mask, new_tokens = ragged_batch()
+    model.blocks[0].register_forward_hook(lambda module, args, out: out * 2)
+    fast, cache = cached_logits(model, idx, mask, new_tokens)
+    uncached = uncached_logits(model, idx, mask, new_tokens)
+    assert not isinstance(cache.decode_plan, DecodePlan)
+    assert max_diff(fast, uncached) < 1e-4
+
+
+def test_decode_step_not_with_gradients():
+    model = tiny_model().eval()
+    cache = KVCache(model.config, 1, 4)
+    model(torch.tensor([[1, 2]]), kv_cache=cache)
+    model(torch.tensor([[3]]), kv_cache=cache)
+    assert cache.decode_plan is None
+
+
+@pytest.mark.parametrize("layout, overrides", [
+    ("gpt2", {"pos_encoding": "none"}),
+    ("llama", {"sliding_window": 4}),
+    ("gpt2", {"pos_encoding": "alibi", "sliding_window": 4}),
+    ("llama", {"qk_norm": True, "n_kv_head": 1}),
+])
+def test_generate_matches_no_cache_variations(layout, overrides):
+    model = tiny_model(layout, **overrides)
+    batched = generate(model, PROMPTS, GREEDY)
+    for prompt, completion in zip(PROMPTS, batched):
+        assert completion.tokens == greedy_without_cache(model, prompt, GREEDY.max_new_tokens)
+
+
+def test_generate_decodes_with_fast_step(monkeypatch):
+    calls = []
+    step = DecodePlan.step
+
+    def counted(plan, *args, **kwargs):
+        calls.append(plan)
+        return step(plan, *args, **kwargs)
+
+    monkeypatch.setattr(DecodePlan, "step", counted)
+    generate(tiny_model(), PROMPTS, SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=[]))
+    assert len(calls) == 4  # every token after the first, which the prefill gives
 
 
 # ---------------------------------------------------------------------------

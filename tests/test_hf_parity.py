@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from gpt.checkpoint import load_weights
+from gpt.decoding import DecodePlan
 from gpt.hf import (
     export_layout,
     from_hf_config,
@@ -172,6 +173,7 @@ def test_kv_cache_decoding(config):
     full_ids = torch.cat([prompt, new_tokens], dim=1)
     uncached = ours(full_ids, attention_mask=mask).logits[:, T - 1:]
 
+    assert isinstance(kv_cache.decode_plan, DecodePlan)  # the one-token steps took gpt.decoding's path
     assert max_diff(torch.stack(our_steps, dim=1), torch.stack(hf_steps, dim=1)) < TOL
     assert max_diff(torch.stack(our_steps, dim=1), uncached) < TOL
 

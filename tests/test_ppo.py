@@ -1,6 +1,7 @@
-"""Tests of rlhf/ppo.py: the advantage and loss functions against hand-worked numbers, the
-rollout's log-probabilities against the sampler's distribution, and short PPO and GRPO runs
-on tiny float32 GPTs whose tokenizer is trained on TinyStories from GPTLAB_DATA_DIR."""
+"""Tests of PPO and GRPO (rlhf/ppo.py, rlhf/rollout.py, rlhf/advantages.py): the advantage
+and loss functions against hand-worked numbers, the rollout's log-probabilities against the
+sampler's distribution, and short PPO and GRPO runs on tiny float32 GPTs whose tokenizer is
+trained on TinyStories from GPTLAB_DATA_DIR."""
 
 from __future__ import annotations
 
@@ -23,22 +24,15 @@ from gpt.config import ConfigError, build_config
 from gpt.generate import Completion
 from gpt.model import GPT, ModelConfig
 from gpt.tokenizer import Tokenizer
-from rlhf.ppo import (
-    VALUE_HEAD_FILE,
+from rlhf.advantages import KLController, clipped_surrogate, clipped_value_loss, gae, group_advantages, k3_kl
+from rlhf.ppo import VALUE_HEAD_FILE, PPOConfig, check_world_size, train
+from rlhf.rollout import (
     DataPrompts,
-    KLController,
     PolicyWithValueHead,
-    PPOConfig,
     Prompt,
-    clipped_surrogate,
-    clipped_value_loss,
     collect_rollout,
-    gae,
-    group_advantages,
-    k3_kl,
     reply_forward,
     reward_model_scorer,
-    train,
     update,
 )
 from rlhf.reward import RewardModel, save_reward_model
@@ -393,6 +387,18 @@ def test_config_grpo_group_size():
 def test_config_unknown_task():
     with pytest.raises(ConfigError, match="unknown task 'algebra'"):
         build_config(PPOConfig, overrides={"policy": "p", "task": "algebra"})
+
+
+def test_world_size_must_divide():
+    cfg = small_config(prompts_per_step=4)
+    cfg.train.grad_accum = 2
+    check_world_size(cfg, world_size=2)
+    cfg.prompts_per_step = 3
+    with pytest.raises(ValueError, match=r"prompts_per_step \(3\) must be a multiple of the number of processes \(2\)"):
+        check_world_size(cfg, world_size=2)
+    cfg.prompts_per_step, cfg.train.grad_accum = 4, 3
+    with pytest.raises(ValueError, match=r"train.grad_accum \(3\) must be a multiple of the number of processes \(2\)"):
+        check_world_size(cfg, world_size=2)
 
 
 def test_out_dir_is_policy(policy_dir):

@@ -1,6 +1,6 @@
-"""Tests of rlhf/preference_data.py: every record format from small files, dropped pairs and
-their counts, bad records, fitting to block_size, batches, the held-out split, and the real
-preference sets of the data kit.
+"""Tests of rlhf/preference_data.py, preference_formats.py and pair_batches.py: every record
+format from small files, dropped pairs and their counts, bad records, fitting to block_size,
+batches, the held-out split, and the real preference sets of the data kit.
 
 Tests marked needs_data read $GPTLAB_DATA_DIR and skip when it is unset.
 """
@@ -15,21 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.catalog import CATALOG, DATA_DIR_ENV
 from gpt.chat import render_chat, render_prompt
-from gpt.data import CATALOG, DATA_DIR_ENV
 from gpt.tokenizer import Tokenizer
-from rlhf.preference_data import (
-    PAD_ID,
-    PairBatches,
-    PreferencePair,
-    collate_pairs,
-    fit_pair,
-    load_pairs,
-    pack_sequences,
-    parse_hh_transcript,
-    split_heldout,
-    tokenize_pairs,
-)
+from rlhf.pair_batches import PAD_ID, PairBatches, collate_pairs, fit_pair, pack_sequences, tokenize_pairs
+from rlhf.preference_data import load_pairs, split_heldout
+from rlhf.preference_formats import PreferencePair, parse_hh_transcript
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get(DATA_DIR_ENV)
@@ -238,7 +229,7 @@ def test_text_file_rejected(tmp_path):
 
 
 def test_sft_catalog_name_rejected():
-    with pytest.raises(ValueError, match="catalog entry 'identity' is sft data, not preference pairs"):
+    with pytest.raises(ValueError, match="catalog entry 'identity' is sft data, not preference data"):
         load_pairs("identity")
 
 

@@ -22,7 +22,8 @@ from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer
 from gptlab.cli import main
 from rlhf.losses import bradley_terry_loss
-from rlhf.preference_data import PairBatches, collate_pairs, load_pairs, tokenize_pairs
+from rlhf.pair_batches import PairBatches, collate_pairs, tokenize_pairs
+from rlhf.preference_data import load_pairs
 from rlhf.reward import HEAD_FILE, RewardModel, load_reward_model, reward_loss, save_reward_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gpt.catalog import DATA_DIR_ENV
 from gpt.chat import render_chat, validate_messages
-from gpt.data import DATA_DIR_ENV
+from gpt.checkpoint import save_model
+from gpt.model import GPT, ModelConfig
 from gpt.sft_data import (
     DEFAULT_NAMES,
     fit_conversations,
@@ -69,7 +71,7 @@ def numbered(n: int, prefix: str) -> list[dict]:
 def tokenizer() -> Tokenizer:
     """A byte-level BPE tokenizer trained on this repository's chat code: enough merges for short text."""
     root = Path(__file__).resolve().parents[1]
-    text = (root / "gpt" / "chat.py").read_text() + (root / "gpt" / "sft_data.py").read_text()
+    text = "".join((root / "gpt" / name).read_text() for name in ("chat.py", "chat_formats.py", "sft_data.py"))
     return Tokenizer.train([text[i:i + 500] for i in range(0, len(text), 500)], vocab_size=400)
 
 
@@ -701,7 +703,7 @@ def test_inspect_counts(chat_file, tokenizer_dir, tokenizer):
 
 def test_inspect_color(capsys, chat_file, tokenizer_dir):
     assert main(["inspect-data", f"data={chat_file}", f"tokenizer={tokenizer_dir}", "num_examples=3",
-                 "--color"]) == 0
+                 "block_size=128", "--color"]) == 0
     out = capsys.readouterr().out
     assert "\x1b[32m" in out
     assert "«" not in out
@@ -712,16 +714,54 @@ def test_inspect_missing_tokenizer(capsys, chat_file, tmp_path):
     assert "tokenizer file" in capsys.readouterr().err
 
 
-def test_inspect_bad_config(capsys, chat_file):
-    assert main(["inspect-data", f"data={chat_file}", "block_size=0", "num_examples=-1"]) == 2
+@pytest.fixture(scope="module")
+def checkpoint_dir(tokenizer, tokenizer_dir, tmp_path_factory) -> Path:
+    """A checkpoint folder (model.json, weights, tokenizer.json) whose model has block_size 64."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_embd=32, block_size=64))
+    save_model(model, folder, tokenizer_file=tokenizer_dir / "tokenizer.json", step=0)
+    return folder
+
+
+def test_inspect_checkpoint_block_size(capsys, chat_file, checkpoint_dir, tokenizer):
+    counts = run(InspectConfig(data=str(chat_file), tokenizer=str(checkpoint_dir), num_examples=0, color=False))
+    fit = fit_conversations(tokenizer, load_conversations(str(chat_file)), 64)
+    out = capsys.readouterr().out
+    assert counts["block_size"] == 64
+    assert counts["kept"] == len(fit.examples)
+    assert counts["dropped"] == fit.dropped
+    assert f"block_size: 64 (the checkpoint's, from {checkpoint_dir / 'model.json'})" in out
+
+
+def test_inspect_block_size_below_checkpoint(chat_file, checkpoint_dir):
+    counts = run(InspectConfig(data=str(chat_file), tokenizer=str(checkpoint_dir / "tokenizer.json"), block_size=32,
+                               num_examples=0, color=False))
+    assert counts["block_size"] == 32
+
+
+def test_inspect_block_size_above_checkpoint(capsys, chat_file, checkpoint_dir):
+    assert main(["inspect-data", f"data={chat_file}", f"tokenizer={checkpoint_dir}", "block_size=65"]) == 2
     err = capsys.readouterr().err
-    assert "block_size must be a positive number of tokens, got 0" in err
+    assert "block_size 65 is larger than the checkpoint's block_size 64" in err
+    assert "use block_size=64 or less, or 0 for the checkpoint's" in err
+
+
+def test_inspect_block_size_needs_checkpoint(capsys, chat_file, tokenizer_dir):
+    assert main(["inspect-data", f"data={chat_file}", f"tokenizer={tokenizer_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"block_size=0 takes the block_size of a checkpoint, but {tokenizer_dir} has no model.json" in err
+
+
+def test_inspect_bad_config(capsys, chat_file):
+    assert main(["inspect-data", f"data={chat_file}", "block_size=-1", "num_examples=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "block_size must be 0 (the checkpoint's) or a positive number of tokens, got -1" in err
     assert "num_examples must be 0 or more, got -1" in err
 
 
 @needs_data
 def test_inspect_real_mix(capsys, tokenizer_dir):
     assert main(["inspect-data", "data=identity:0.5,taskmaster4", f"tokenizer={tokenizer_dir}", "max_examples=40",
-                 "num_examples=2", "color=false", "name=Ada"]) == 0
+                 "num_examples=2", "color=false", "name=Ada", "block_size=512"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"conversations +60 ", out)

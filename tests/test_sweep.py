@@ -15,16 +15,8 @@ import yaml
 from gptlab.cli import main
 from gptlab.plot import PlotConfig, default_group, summarize
 from gptlab.plot import run as plot
-from gptlab.sweep import (
-    DONE_FILE,
-    FAILED_FILE,
-    SweepConfig,
-    check_points,
-    eval_columns,
-    expand_points,
-    metric_columns,
-    point_name,
-)
+from gptlab.sweep import SweepConfig, check_points
+from gptlab.sweep_points import DONE_FILE, FAILED_FILE, eval_columns, expand_points, metric_columns, point_name
 
 DATA_DIR = os.environ.get("GPTLAB_DATA_DIR")
 needs_data = pytest.mark.skipif(not DATA_DIR, reason="GPTLAB_DATA_DIR is not set; it points to the data kit")
@@ -223,6 +215,7 @@ def test_sweep_points_are_run_folders(sweep_dir):
     assert (point / DONE_FILE).is_file()
     assert "step 4/4" in (point / "sweep.log").read_text()
     assert (point / "tokenizer.json").resolve() == (sweep_dir / "_shared" / "tokenizer.json").resolve()
+    assert (point / "tokenizer_meta.json").resolve() == (sweep_dir / "_shared" / "tokenizer_meta.json").resolve()
     assert settings["model.pos_encoding"] == "rope"
     assert json.loads((sweep_dir / "sweep.json").read_text())["swept_keys"] == ["model.pos_encoding"]
 

@@ -1,12 +1,13 @@
 """The shared training loop: accumulation by target count, schedules, decay groups."""
 
+import json
 import math
 
 import pytest
 import torch
 
 from gpt.model import GPT, ModelConfig
-from gpt.training import Hooks, TrainConfig, Trainer, build_optimizer, lr_at
+from gpt.training import Hooks, TrainConfig, Trainer, build_optimizer, lr_at, plot_loss
 
 
 def tiny_model(seed: int = 0) -> GPT:
@@ -141,3 +142,19 @@ def test_loop_overfits_one_batch(tmp_path):
     assert len(changed) == len(before)
     assert (tmp_path / "metrics.jsonl").exists()
     assert (tmp_path / "train_state.pt").exists()
+
+
+def test_plot_loss_adds_a_panel_per_logged_metric(tmp_path):
+    from PIL import Image
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 0.69, "accuracy": 0.5},
+        {"step": 2, "loss": 0.60, "accuracy": 0.75, "val_loss": 0.65, "val_accuracy": 0.6},
+    ]))
+    plot_loss(metrics, tmp_path / "loss_only.png")
+    plot_loss(metrics, tmp_path / "with_accuracy.png", extra=("accuracy", "not_logged"))
+    loss_only = Image.open(tmp_path / "loss_only.png").size
+    with_accuracy = Image.open(tmp_path / "with_accuracy.png").size
+    # One 4-inch panel more at 120 dpi: "accuracy" is drawn and "not_logged" left out.
+    assert with_accuracy == (loss_only[0] + 4 * 120, loss_only[1])
