@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from gpt.chat import render_chat
 from gpt.checkpoint import (
@@ -47,6 +46,7 @@ from gpt.checkpoint import (
     check_checkpoint_dir,
     load_model,
     read_model_meta,
+    read_safetensors,
 )
 from gpt.device import autocast
 from gpt.model import GPT
@@ -322,7 +322,7 @@ def load_reward_scorer(ckpt_dir: str | os.PathLike, device: torch.device | str =
     if not head_path.is_file():
         raise FileNotFoundError(f"reward model {ckpt_dir} is missing its head {head_path.name}; rerun gptlab reward")
     trunk = load_model(ckpt_dir, device=device)
-    head = load_file(str(head_path))
+    head = read_safetensors(head_path)
     n_embd = trunk.config.n_embd
     weight, bias = head.get("weight"), head.get("bias", torch.zeros(1))
     if weight is None or set(head) - {"weight", "bias"} or tuple(weight.shape) != (1, n_embd) or bias.numel() != 1:

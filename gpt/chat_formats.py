@@ -146,7 +146,9 @@ def _from_pair(prompt_field: str, reply_fields: tuple[str, ...], fmt: str) -> Ca
 def _role_messages(record: Mapping, where: str, fmt: str, role_field: str, content_field: str,
                    roles: Mapping[str, str]) -> Conversation:
     """Convert a list of messages that each name their role (ShareGPT, OpenAI)."""
-    key = "messages" if "messages" in record else "conversations"
+    # Each format has its usual field, and either field is read when present.
+    usual = "messages" if fmt == "openai" else "conversations"
+    key = next((name for name in (usual, "messages", "conversations") if name in record), usual)
     turns = _field(record, key, where, fmt)
     if not isinstance(turns, list):
         raise ValueError(f"{where}: field {key!r} must be a list of messages, got {type(turns).__name__}.")

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt.files import atomic_write, atomic_write_text
@@ -94,9 +95,18 @@ def load_model(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
     ckpt_dir = check_checkpoint_dir(ckpt_dir, need=(MODEL_FILE, MODEL_CONFIG_FILE))
     config = ModelConfig.from_dict(read_model_meta(ckpt_dir)["model"])
     model = GPT(config)
-    state = load_file(str(ckpt_dir / MODEL_FILE))
+    state = read_safetensors(ckpt_dir / MODEL_FILE)
     load_weights(model, state, source=str(ckpt_dir / MODEL_FILE))
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, raising a ValueError that names it when it is damaged or cut short."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path} cannot be read ({error}): the file is damaged or incomplete. Rerun the "
+                         "stage that wrote it, or resume that stage from its last checkpoint") from None
 
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -118,4 +128,10 @@ def load_train_state(ckpt_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no resume state {path}; a run can resume only from a folder where it saved a "
                                 f"checkpoint (drop --resume to start fresh)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as error:
+        # A cut-short zip archive: the run that wrote it was killed outside the atomic rename,
+        # or the file was copied in part.
+        raise ValueError(f"{path} cannot be read ({error}); the resume state is damaged. Delete it and start "
+                         "fresh without --resume, or use another out_dir") from None

@@ -15,6 +15,7 @@ not by parsing.
 from __future__ import annotations
 
 import codecs
+import difflib
 import gzip
 import json
 import logging
@@ -30,7 +31,7 @@ from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from huggingface_hub.errors import HFValidationError
 
 from gpt.catalog import CATALOG, DATA_DIR_ENV, data_dir, missing_files_error, resolve_files
-from gpt.records import expand_local, looks_like_path, single_format
+from gpt.records import check_has_records, expand_local, looks_like_path, single_format
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,9 @@ def _load_local(files: list[str], file_format: str, field: str, source: str) -> 
     if file_format == "text":
         # utf-8-sig drops a leading byte order mark, which some Project Gutenberg files have.
         builder_kwargs = {"sample_by": "document", "encoding": "utf-8-sig"}
+    if file_format in ("json", "jsonl"):
+        for path in files:
+            check_has_records(path)
     try:
         ds = datasets.load_dataset(_BUILDERS[file_format], data_files=files, split="train", **builder_kwargs)
     # The json builder lets UnicodeDecodeError through unwrapped (datasets 5.2).
@@ -226,10 +230,13 @@ def _load_hub(hub_id: str, config: str | None, split: str, field: str) -> datase
     try:
         ds = datasets.load_dataset(hub_id, config, split=split)
     except (ConnectionError, DatasetNotFoundError, FileNotFoundError, HFValidationError) as e:
+        close = difflib.get_close_matches(hub_id, CATALOG, n=1)
+        hint = f"Did you mean {close[0]!r}? " if close else ""
+        fix = "Check the name, or pass a local path." if data_dir() else \
+            f"Check the name, pass a local path, or set {DATA_DIR_ENV} for catalog data."
         raise ValueError(
             f"{hub_id!r} is neither a catalog name ({', '.join(CATALOG)}) nor a local file or folder, and "
-            f"loading it from the Hugging Face Hub failed: {e}. Check the name, pass a local path, or set "
-            f"{DATA_DIR_ENV} for catalog data."
+            f"loading it from the Hugging Face Hub failed: {e}. {hint}{fix}"
         ) from e
     if field not in ds.column_names:
         raise ValueError(

@@ -259,13 +259,16 @@ def _onednn_linear_works() -> bool:
         return False
     generator = torch.Generator().manual_seed(0)
     x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((3, 8), (5, 8), (5,)))
+    # The first call can come from inside an autocast region (a training stage generating
+    # its samples), where F.linear would compute in bfloat16: the check runs without it.
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 3)
             y = torch.ops.mkldnn._linear_pointwise(x, W=packed, B=bias, attr="none", scalars=[], algorithm="")
+            expected = F.linear(x, weight, bias)
     except (AttributeError, RuntimeError, TypeError):
         return False
-    return bool(torch.allclose(y, F.linear(x, weight, bias), atol=1e-5))
+    return y.dtype == expected.dtype and bool(torch.allclose(y, expected, atol=1e-5))
 
 
 def _norm(module: nn.Module) -> Layer:

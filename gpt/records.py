@@ -159,6 +159,20 @@ def _json_error(path: str, e: json.JSONDecodeError, line: int | None = None) -> 
     return ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}). Fix the JSON or remove the record.")
 
 
+def check_has_records(path: str) -> None:
+    """Raise a ValueError naming `path` when a JSON or JSON Lines file holds only whitespace.
+
+    `datasets` (5.2) fails on such a file with a bare StopIteration, which says nothing
+    about the file.
+    """
+    # Bytes, not text: a file that is not UTF-8 gets its own error from the reader.
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return
+    raise ValueError(f"{path} is empty: it has no records. Remove it from the sources, or add records to it.")
+
+
 def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
     """Yield (where, record) for each non-empty line of a JSON Lines file.
 

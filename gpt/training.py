@@ -329,6 +329,9 @@ class Trainer:
             if self.is_main:
                 _truncate_metrics(metrics_path, self.step)
         elif metrics_path.exists() and self.is_main:
+            logger.warning("%s already holds a run; starting over replaces its checkpoint and metrics at the "
+                           "first save. Stop now and pass --resume to continue it, or use another out_dir",
+                           self.out_dir)
             metrics_path.unlink()
         distributed.barrier()
         if self.hooks.flops_per_token and self.is_main:
@@ -500,13 +503,15 @@ def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike, titl
         steps = [r for r in records if name in r]
         x, y = [r["step"] for r in steps], [r[name] for r in steps]
         # Per-step values of small batches are noisy: past 50 steps draw them faint, under
-        # their running mean over a 25th of the run.
-        window = len(steps) // 25 if len(steps) >= 50 else 1
-        if window > 1:
+        # their mean over a centered window of about a 25th of the run (a trailing window
+        # would lag behind the curve).
+        half = len(steps) // 50
+        if half > 0:
             ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
             sums = [0.0, *itertools.accumulate(y)]
-            means = [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(y))]
-            ax.plot(x, means, color="tab:blue", linewidth=1.5, label=f"train {name}, mean of {window} steps")
+            bounds = [(max(0, i - half), min(len(y), i + half + 1)) for i in range(len(y))]
+            means = [(sums[hi] - sums[lo]) / (hi - lo) for lo, hi in bounds]
+            ax.plot(x, means, color="tab:blue", linewidth=1.5, label=f"train {name}, mean of {2 * half + 1} steps")
         elif steps:
             ax.plot(x, y, color="tab:blue", linewidth=1, label=f"train {name}")
         evals = [r for r in records if f"val_{name}" in r]

@@ -365,4 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(str(exc))
         return 2
+    except KeyboardInterrupt:
+        _error("interrupted. Rerun the same command with --resume to continue a training stage from its last "
+               "checkpoint; gptlab run continues by itself.")
+        return 130
     return 0

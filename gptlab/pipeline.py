@@ -17,8 +17,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from gpt.config import build_config, option
+import yaml
+
+from gpt.config import build_config, config_to_dict, option
 from gpt.files import atomic_write_text
 from gptlab.cli import STAGES, import_object
 from gptlab.presets import PRESETS
@@ -38,12 +41,12 @@ class RunConfig:
     ppo: bool = option(False, "add a PPO stage against the reward model after DPO; the evaluated model is then the PPO one")
     eval_tasks: list[str] = option(["lm", "arc_easy", "blimp", "lambada", "chat"], "tasks of the eval stage (see gptlab eval --help)")
     eval_limit: int | None = option(None, "maximum examples per evaluation task; none for all")
-    pretrain: dict[str, str] = option({}, "extra settings of the pretrain stage as YAML, for example '{model.n_layer: 4}'")
-    sft: dict[str, str] = option({}, "extra settings of the sft stage as YAML")
-    reward: dict[str, str] = option({}, "extra settings of the reward stage as YAML")
-    dpo: dict[str, str] = option({}, "extra settings of the dpo stage as YAML")
-    ppo_settings: dict[str, str] = option({}, "extra settings of the ppo stage as YAML")
-    eval: dict[str, str] = option({}, "extra settings of the eval stage as YAML")
+    pretrain: dict[str, Any] = option({}, "extra settings of the pretrain stage as YAML, for example '{model.n_layer: 4}'")
+    sft: dict[str, Any] = option({}, "extra settings of the sft stage as YAML")
+    reward: dict[str, Any] = option({}, "extra settings of the reward stage as YAML")
+    dpo: dict[str, Any] = option({}, "extra settings of the dpo stage as YAML")
+    ppo_settings: dict[str, Any] = option({}, "extra settings of the ppo stage as YAML")
+    eval: dict[str, Any] = option({}, "extra settings of the eval stage as YAML")
 
     def problems(self) -> list[str]:
         return [] if self.out_dir else ["out_dir must be a folder path, got an empty string"]
@@ -63,25 +66,70 @@ def stage_plan(cfg: RunConfig) -> list[tuple[str, str, dict]]:
         plan.append(("ppo", str(run / "ppo"), {"policy": str(run / "dpo"), "reward": str(run / "reward"),
                                               "out_dir": str(run / "ppo"), **cfg.ppo_settings}))
         policy = run / "ppo"
+    # The lm task reads the validation split of the run's own shards, the text pretraining
+    # held out. The default tinystories-valid is part of the tinystories training source.
     eval_settings = {"checkpoint": str(policy), "out_dir": str(run / "eval"), "tasks": cfg.eval_tasks,
-                     "reward": str(run / "reward"), "compare": str(run / "sft"), **cfg.eval}
+                     "lm_source": str(run / "data"), "reward": str(run / "reward"), "compare": str(run / "sft"),
+                     **cfg.eval}
     if cfg.eval_limit is not None:
         eval_settings.setdefault("limit", cfg.eval_limit)
     plan.append(("eval", str(run / "eval"), eval_settings))
     return plan
 
 
+def stage_config(stage: str, settings: dict, size: str):
+    """Build the config of `stage` from its preset named `size` (when it has one) and `settings`."""
+    presets = [(f"{stage} preset {size}", PRESETS[stage][size])] if size in PRESETS.get(stage, {}) else []
+    return build_config(import_object(STAGES[stage].config), presets=presets, overrides=settings)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_done_stage(stage: str, folder: Path, settings: dict, size: str) -> None:
+    """Check that a finished stage ran with the settings this run asks for.
+
+    The stage's own config.yaml records what it ran with. It differs when the run's
+    command changed, or when the stage was run alone into this folder afterwards. Either
+    way, skipping the stage would report a model these settings did not train.
+
+    Raises:
+        ValueError: the settings differ; the message names up to five fields and the fix.
+    """
+    saved_path = folder / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+    wanted = _flatten(config_to_dict(stage_config(stage, settings, size)))
+    # Fields of a newer gptlab are absent from an older config.yaml and are not compared.
+    # model.vocab_size is what the tokenizer gave, written over the default, and
+    # data.vocab_size, which the run sets, is compared instead.
+    ignored = {"model.vocab_size", "train.resume"}
+    changed = sorted(key for key in set(saved) & set(wanted) if key not in ignored and saved[key] != wanted[key])
+    if changed:
+        shown = "; ".join(f"{key}: ran with {saved[key]!r}, now {wanted[key]!r}" for key in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ValueError(f"{stage}: {folder} finished with other settings than this run asks for ({saved_path}: "
+                         f"{shown}{more}). Delete {folder} and the stages after it to train it again with these "
+                         "settings, or use another --out-dir")
+
+
 def run_stage(stage: str, folder: Path, settings: dict, size: str) -> None:
     """Build the stage's config from its preset and `settings`, then run it, resuming when it
     left a resume state behind."""
-    spec = STAGES[stage]
-    config_cls = import_object(spec.config)
-    presets = [(f"{stage} preset {size}", PRESETS[stage][size])] if size in PRESETS.get(stage, {}) else []
     overrides = dict(settings)
     if (folder / RESUME_FILE).exists():
         overrides["train.resume"] = True
         logger.info("%s: resuming from %s", stage, folder / RESUME_FILE)
-    config = build_config(config_cls, presets=presets, overrides=overrides)
+    config = stage_config(stage, overrides, size)
+    spec = STAGES[stage]
     started = time.time()
     import_object(spec.run)(config)
     atomic_write_text(folder / DONE_FILE, json.dumps({"stage": stage, "seconds": time.time() - started}) + "\n")
@@ -95,6 +143,7 @@ def run(cfg: RunConfig) -> Path:
     for stage, folder, settings in stage_plan(cfg):
         folder = Path(folder)
         if (folder / DONE_FILE).exists():
+            check_done_stage(stage, folder, settings, cfg.size)
             logger.info("%s: done earlier (%s), skipped", stage, folder / DONE_FILE)
             continue
         logger.info("%s: starting, writes %s", stage, folder)

@@ -57,7 +57,9 @@ def format_number(value) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        if 1e3 <= abs(value) < 1e9:
+            return f"{value:,.0f}"  # the same form as the integer columns beside it
+        if value != 0 and (abs(value) >= 1e9 or abs(value) < 1e-3):
             return f"{value:.3g}"
         return f"{value:.4g}"
     return str(value)

@@ -22,7 +22,7 @@ from huggingface_hub.errors import HFValidationError
 
 from gpt.catalog import CATALOG, DATA_DIR_ENV, catalog_names
 from gpt.config import option
-from gpt.records import file_format, find_source_files
+from gpt.records import check_has_records, file_format, find_source_files
 from gpt.tokenizer import Tokenizer
 from rlhf.pair_batches import TokenizedPair, tokenize_pairs
 from rlhf.preference_formats import LoadStats, PreferencePair, convert_record, detect_format
@@ -63,6 +63,8 @@ def _file_records(path: str) -> Iterator[tuple[str, Any]]:
     if path_format not in _BUILDERS:
         raise ValueError(f"{path}: preference data must be .jsonl, .json or .parquet (optionally .gz); plain text "
                          "has no pairs. Convert it to JSON Lines records with prompt, chosen and rejected.")
+    if path_format != "parquet":
+        check_has_records(path)
     try:
         ds = datasets.load_dataset(_BUILDERS[path_format], data_files=[path], split="train")
     except (DatasetGenerationError, UnicodeDecodeError) as e:

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gpt import distributed
 from gpt.chat import render_chat
-from gpt.checkpoint import TOKENIZER_FILE, check_checkpoint_dir, load_model, read_model_meta, save_model
+from gpt.checkpoint import TOKENIZER_FILE, check_checkpoint_dir, load_model, read_model_meta, read_safetensors, save_model
 from gpt.config import option, save_config
 from gpt.files import atomic_write
 from gpt.model import GPT, ModelConfig
@@ -182,7 +182,7 @@ def load_reward_model(ckpt_dir: str | os.PathLike, device: str | torch.device = 
         raise FileNotFoundError(f"reward model {ckpt_dir} is missing its head {head_path.name}; rerun gptlab reward")
     tokenizer = Tokenizer.from_file(ckpt_dir / TOKENIZER_FILE) if (ckpt_dir / TOKENIZER_FILE).is_file() else None
     model = RewardModel(load_model(ckpt_dir), tokenizer)
-    head = load_file(str(head_path))
+    head = read_safetensors(head_path)
     expected = {name: tuple(t.shape) for name, t in model.head.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in head.items()}
     if found != expected:

@@ -376,3 +376,16 @@ def test_subprocess_logging_and_exit_code():
     assert bad.returncode == 2
     assert "steps: expected an integer but received 'x'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_interrupt_prints_one_line(monkeypatch, capsys, tmp_path):
+    import pretrain.train
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain.train, "train", interrupted)
+    assert main(["pretrain", "--out-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted. Rerun the same command with --resume")
+    assert "Traceback" not in err

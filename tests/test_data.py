@@ -563,3 +563,17 @@ def test_prepare_command_rejects_other_data(corpora, tmp_path, capsys):
     assert main(["prepare", f"out_dir={tmp_path / 'run'}", f"data.sources={corpora[0]}", *settings]) == 0
     assert main(["prepare", f"out_dir={tmp_path / 'run'}", f"data.sources={corpora[1]}", *settings]) == 2
     assert "tokenizer.json was trained on other data than this run requests" in capsys.readouterr().err
+
+
+def test_empty_jsonl_is_named(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("")
+    with pytest.raises(ValueError, match=rf"{path} is empty: it has no records"):
+        list(load_documents(str(path)))
+
+
+def test_misspelled_catalog_name_gets_a_suggestion(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="Did you mean 'tinystories'?"):
+        list(load_documents("tinystoris"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt import device as device_module
-from gpt.device import peak_flops
+from gpt.device import peak_flops, resolve_device
 
 
 @pytest.fixture
@@ -38,3 +38,8 @@ def test_unreadable_cache_is_replaced(measurements, tmp_path):
 
 def test_override_skips_measurement(measurements):
     assert peak_flops(torch.device("cpu"), torch.bfloat16, override_tflops=0.5) == 0.5e12
+
+
+def test_unknown_device_is_named():
+    with pytest.raises(ValueError, match="unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("tpu")

@@ -430,6 +430,17 @@ def test_onednn_linear_in_use():
     assert _onednn_linear_works()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_onednn_check_inside_autocast():
+    # A training stage's first generation can run under bfloat16 autocast.
+    _onednn_linear_works.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _onednn_linear_works()
+    finally:
+        _onednn_linear_works.cache_clear()
+
+
 @torch.no_grad()
 def test_decode_step_without_onednn(monkeypatch):
     monkeypatch.setattr("gpt.decoding._onednn_linear_works", lambda: False)

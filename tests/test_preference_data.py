@@ -381,3 +381,10 @@ def test_real_alpaca_eval_judgments():
     assert (stats.ties, stats.no_judgment) == (102, 11)
     assert stats.pairs == 7132
     assert all(p.chosen != p.rejected for p in pairs)
+
+
+def test_empty_file_is_named(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match=rf"{path} is empty: it has no records"):
+        load_pairs(str(path))

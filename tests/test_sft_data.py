@@ -765,3 +765,12 @@ def test_inspect_real_mix(capsys, tokenizer_dir):
                  "num_examples=2", "color=false", "name=Ada", "block_size=512"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"conversations +60 ", out)
+
+
+def test_openai_record_without_messages_names_messages(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"conversation": [{"role": "user", "content": "c"}]},
+    ])
+    with pytest.raises(ValueError, match=r"record 1 \(line 2\): missing field 'messages', which openai records need"):
+        load_conversations(str(path))
