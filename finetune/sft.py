@@ -39,7 +39,8 @@ import torch
 
 from gpt import distributed
 from gpt.chat import render_prompt, stop_token_ids
-from gpt.checkpoint import MODEL_CONFIG_FILE, TOKENIZER_FILE, check_checkpoint_dir, load_model, save_model
+from gpt.checkpoint import (MODEL_CONFIG_FILE, TOKENIZER_FILE, check_checkpoint_dir, load_model, require_resume_state,
+                            save_model)
 from gpt.config import option, save_config
 from gpt.generate import SamplingParams, generate
 from gpt.lora import TARGET_SHORTCUTS, add_lora, is_peft_model, merge_adapter, save_adapter
@@ -343,6 +344,7 @@ def train(cfg: SFTConfig) -> dict:
     record = {"base": str(base_dir), "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets}
               if cfg.lora_r else None}
     if cfg.train.resume:
+        require_resume_state(out_dir)
         check_resume(out_dir, record["lora"])
 
     tokenizer_file = base_dir / TOKENIZER_FILE
@@ -398,7 +400,7 @@ def check_resume(out_dir: Path, lora: dict | None) -> None:
     resume state would not fit this model."""
     path = out_dir / MODEL_CONFIG_FILE
     if not path.is_file():
-        return  # nothing saved yet: the Trainer reports the missing resume state
+        return  # no model.json beside the resume state, so no LoRA settings to compare
     saved = json.loads(path.read_text(encoding="utf-8")).get("sft") or {}
     if "lora" in saved and saved["lora"] != lora:
         raise ValueError(f"cannot resume from {out_dir}: its {MODEL_CONFIG_FILE} records LoRA settings "

@@ -123,11 +123,20 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> Non
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
-def load_train_state(ckpt_dir: str | os.PathLike) -> dict:
+def require_resume_state(ckpt_dir: str | os.PathLike) -> Path:
+    """Return the path of the resume state in `ckpt_dir`, raising FileNotFoundError when it is missing.
+
+    Stages call it before loading their data, so a --resume with nothing to resume fails at once.
+    """
     path = Path(ckpt_dir) / TRAIN_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no resume state {path}; a run can resume only from a folder where it saved a "
                                 f"checkpoint (drop --resume to start fresh)")
+    return path
+
+
+def load_train_state(ckpt_dir: str | os.PathLike) -> dict:
+    path = require_resume_state(ckpt_dir)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError) as error:

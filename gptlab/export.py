@@ -54,7 +54,12 @@ def run(cfg: ExportConfig) -> Path:
     if problems:
         raise ValueError("invalid export config:\n  " + "\n  ".join(problems))
     ckpt_dir = check_checkpoint_dir(cfg.checkpoint)
-    model_config = ModelConfig.from_dict(read_model_meta(ckpt_dir)["model"])
+    meta = read_model_meta(ckpt_dir)
+    model_config = ModelConfig.from_dict(meta["model"])
+    if "reward_model" in meta:
+        # The reward head has no place in a causal LM folder.
+        logger.warning("%s is a reward model: the export holds its trunk as a causal language model, without "
+                       "the reward head (reward_head.safetensors), so it cannot score conversations", ckpt_dir)
     try:
         layout = export_layout(model_config)
     except NotImplementedError as error:

@@ -94,7 +94,7 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 def check_done_stage(stage: str, folder: Path, settings: dict, size: str) -> None:
-    """Check that a finished stage ran with the settings this run asks for.
+    """Check that a finished stage ran with the settings this run requests.
 
     The stage's own config.yaml records what it ran with. It differs when the run's
     command changed, or when the stage was run alone into this folder afterwards. Either
@@ -107,17 +107,17 @@ def check_done_stage(stage: str, folder: Path, settings: dict, size: str) -> Non
     if not saved_path.is_file():
         return
     saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-    wanted = _flatten(config_to_dict(stage_config(stage, settings, size)))
+    expected = _flatten(config_to_dict(stage_config(stage, settings, size)))
     # Fields of a newer gptlab are absent from an older config.yaml and are not compared.
     # model.vocab_size is what the tokenizer gave, written over the default, and
     # data.vocab_size, which the run sets, is compared instead.
     ignored = {"model.vocab_size", "train.resume"}
-    changed = sorted(key for key in set(saved) & set(wanted) if key not in ignored and saved[key] != wanted[key])
+    changed = sorted(key for key in set(saved) & set(expected) if key not in ignored and saved[key] != expected[key])
     if changed:
-        shown = "; ".join(f"{key}: ran with {saved[key]!r}, now {wanted[key]!r}" for key in changed[:5])
+        listed = "; ".join(f"{key}: ran with {saved[key]!r}, now {expected[key]!r}" for key in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        raise ValueError(f"{stage}: {folder} finished with other settings than this run asks for ({saved_path}: "
-                         f"{shown}{more}). Delete {folder} and the stages after it to train it again with these "
+        raise ValueError(f"{stage}: {folder} finished with other settings than this run requests ({saved_path}: "
+                         f"{listed}{more}). Delete {folder} and the stages after it to train it again with these "
                          "settings, or use another --out-dir")
 
 

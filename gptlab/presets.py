@@ -55,7 +55,9 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     "reward": {
         "tiny": {"data": {"max_pairs": 300}, "train": {"max_steps": 30, "eval_interval": 15, "checkpoint_interval": 30}},
-        "cpu": {"train": {"max_steps": 100_000, "max_time": 300.0, "eval_interval": 100}},
+        # 400 steps at twice the stage's default rate: 0.672 held-out accuracy on the
+        # hh-rlhf harmless pairs from a cpu SFT model, about 4 minutes on two cores.
+        "cpu": {"train": {"max_steps": 400, "lr": 1e-4, "eval_interval": 100, "eval_batches": 15}},
     },
     "dpo": {
         "tiny": {"data": {"max_pairs": 300}, "train": {"max_steps": 30, "eval_interval": 15, "checkpoint_interval": 30}},

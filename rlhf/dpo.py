@@ -53,7 +53,8 @@ import torch
 import torch.nn as nn
 
 from gpt import distributed
-from gpt.checkpoint import MODEL_CONFIG_FILE, TOKENIZER_FILE, check_checkpoint_dir, load_model, save_model
+from gpt.checkpoint import (MODEL_CONFIG_FILE, TOKENIZER_FILE, check_checkpoint_dir, load_model, require_resume_state,
+                            save_model)
 from gpt.config import option, save_config
 from gpt.lora import TARGET_SHORTCUTS, add_lora, is_peft_model, merge_adapter, save_adapter
 from gpt.model import GPT, MLP, Attention
@@ -268,7 +269,7 @@ def check_resume(out_dir: Path, lora: dict | None) -> None:
     """Raise ValueError when the run saved in `out_dir` had other LoRA settings."""
     path = out_dir / MODEL_CONFIG_FILE
     if not path.is_file():
-        return  # nothing saved yet: the Trainer reports the missing resume state
+        return  # no model.json beside the resume state, so no LoRA settings to compare
     saved = json.loads(path.read_text(encoding="utf-8")).get("dpo") or {}
     if "lora" in saved and saved["lora"] != lora:
         raise ValueError(f"cannot resume from {out_dir}: its {MODEL_CONFIG_FILE} records LoRA settings "
@@ -302,6 +303,7 @@ def train(cfg: DPOConfig) -> dict:
     record = {"policy": str(policy_dir), "loss": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
               "data": cfg.data.source, "lora": lora}
     if cfg.train.resume:
+        require_resume_state(out_dir)
         check_resume(out_dir, lora)
 
     tokenizer_file = policy_dir / TOKENIZER_FILE

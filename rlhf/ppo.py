@@ -75,7 +75,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gpt import distributed
 from gpt.chat import stop_token_ids
-from gpt.checkpoint import TOKENIZER_FILE, check_checkpoint_dir, load_model, load_train_state, save_model, save_train_state
+from gpt.checkpoint import (TOKENIZER_FILE, check_checkpoint_dir, load_model, load_train_state, require_resume_state,
+                            save_model, save_train_state)
 from gpt.config import option, save_config
 from gpt.device import resolve_device, resolve_dtype
 from gpt.files import atomic_write
@@ -327,6 +328,8 @@ def train(cfg: PPOConfig) -> dict:
     if out_dir.resolve() == policy_dir.resolve():
         raise ValueError(f"out_dir {str(out_dir)!r} is the policy's checkpoint folder, which training would "
                          f"overwrite; set out_dir to another folder")
+    if cfg.train.resume:
+        require_resume_state(out_dir)
     tokenizer = Tokenizer.from_file(policy_dir / TOKENIZER_FILE)
     policy = load_model(policy_dir)
     max_prompt_tokens = policy.config.block_size - cfg.max_new_tokens

@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 
 from gpt import distributed
 from gpt.chat import render_chat
-from gpt.checkpoint import TOKENIZER_FILE, check_checkpoint_dir, load_model, read_model_meta, read_safetensors, save_model
+from gpt.checkpoint import (TOKENIZER_FILE, check_checkpoint_dir, load_model, read_model_meta, read_safetensors,
+                            require_resume_state, save_model)
 from gpt.config import option, save_config
 from gpt.files import atomic_write
 from gpt.model import GPT, ModelConfig
@@ -266,6 +267,8 @@ def train(cfg: RewardConfig) -> dict:
     if out_dir.resolve() == base_dir.resolve():
         raise ValueError(f"out_dir {str(out_dir)!r} is the base checkpoint folder, which training would overwrite; "
                          "set out_dir to another folder")
+    if cfg.train.resume:
+        require_resume_state(out_dir)
 
     tokenizer_file = base_dir / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tokenizer_file)

@@ -422,3 +422,10 @@ def test_dpo_lora_command(policy_dir, pairs_file, tmp_path):
     assert any(lora.B.abs().sum() > 0 for lora in adapters.values())
     merged, start = load_model(out), load_model(policy_dir)
     assert not torch.equal(merged.blocks[0].attn.q_proj.weight, start.blocks[0].attn.q_proj.weight)
+
+
+def test_resume_without_state_fails_before_data(policy_dir, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert main(["dpo", "--policy", str(policy_dir), "--out-dir", str(tmp_path / "dpo"), "--data.source", str(missing),
+                 "--resume"]) == 2
+    assert "no resume state" in capsys.readouterr().err

@@ -252,3 +252,12 @@ def test_chat_template_hook(tokenizer_file, tmp_path):
     assert theirs.chat_template == template
     assert ids[0] == 3
     assert ids[-1] == 5
+
+
+def test_reward_model_export_warns(tokenizer_file, tmp_path, caplog):
+    ckpt_dir = tmp_path / "reward"
+    save_model(tiny_gpt("gpt2", Tokenizer.from_file(tokenizer_file).vocab_size), ckpt_dir,
+               tokenizer_file=tokenizer_file, extra={"reward_model": {"head": "reward_head.safetensors"}})
+    caplog.set_level("WARNING")
+    run(ExportConfig(checkpoint=str(ckpt_dir), out_dir=str(tmp_path / "hf")))
+    assert any("without the reward head" in record.getMessage() for record in caplog.records)

@@ -405,3 +405,10 @@ def test_out_dir_is_policy(policy_dir):
     cfg = build_config(PPOConfig, overrides={"policy": str(policy_dir), "task": "arithmetic", "out_dir": str(policy_dir)})
     with pytest.raises(ValueError, match="is the policy's checkpoint folder"):
         train(cfg)
+
+
+def test_resume_without_state_fails_early(policy_dir, tmp_path):
+    cfg = build_config(PPOConfig, overrides={"policy": str(policy_dir), "task": "arithmetic",
+                                             "out_dir": str(tmp_path / "ppo"), "train.resume": True})
+    with pytest.raises(FileNotFoundError, match="no resume state"):
+        train(cfg)

@@ -207,3 +207,10 @@ def test_reward_command(base_dir, pairs_file, tmp_path):
     unchanged = [name for name, p in model.named_parameters()
                  if start[name].requires_grad and name != "head.weight" and torch.equal(p, start[name])]
     assert unchanged == []
+
+
+def test_resume_without_state_fails_before_data(base_dir, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert main(["reward", "--base", str(base_dir), "--out-dir", str(tmp_path / "reward"), "--data.source",
+                 str(missing), "--resume"]) == 2
+    assert "no resume state" in capsys.readouterr().err

@@ -344,3 +344,10 @@ def test_resume_with_other_lora_is_error(base, tmp_path, capsys):
                  "--lora_r", "4"])
     assert code == 2
     assert "records LoRA settings None" in capsys.readouterr().err
+
+
+def test_resume_without_state_fails_before_data(base, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert main(["sft", "--base", str(base), "--out-dir", str(tmp_path / "sft"), "--data", str(missing),
+                 "--resume"]) == 2
+    assert "no resume state" in capsys.readouterr().err
