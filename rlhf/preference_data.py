@@ -2,7 +2,8 @@
 train and held-out pairs as tokens.
 
 `load_pairs` reads a catalog name, a local file, folder or glob (.jsonl, .json, .parquet,
-gzipped or not) or a Hub dataset through `datasets`, and converts each file's records
+gzipped or not; read as `gpt.records` reads chat data, so errors name the line of a
+JSON Lines record) or a Hub dataset through `datasets`, and converts each file's records
 with `rlhf.preference_formats`, in the format of its first record. `prepare_pairs` then
 splits the pairs by prompt and fits them into block_size with `rlhf.pair_batches`.
 """
@@ -17,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub.errors import HFValidationError
 
 from gpt.catalog import CATALOG, DATA_DIR_ENV, catalog_names
 from gpt.config import option
-from gpt.records import check_has_records, file_format, find_source_files
+from gpt.records import check_has_records, file_format, find_source_files, json_records, jsonl_records, parquet_records
 from gpt.tokenizer import Tokenizer
 from rlhf.pair_batches import TokenizedPair, tokenize_pairs
 from rlhf.preference_formats import LoadStats, PreferencePair, convert_record, detect_format
@@ -37,9 +38,6 @@ HUB_DATA_DIRS = {
     "hh-rlhf-helpful-online": "helpful-online",
     "hh-rlhf-helpful-rejection-sampled": "helpful-rejection-sampled",
 }
-_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet"}
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading records
 
@@ -58,22 +56,15 @@ def _hub_records(hub_id: str, config: str | None, data_dir: str | None, split: s
 
 
 def _file_records(path: str) -> Iterator[tuple[str, Any]]:
-    """Rows of one local file through `datasets`; a row's index is its record's index in the file."""
+    """Yield (where, record) for each record of one local file; JSON Lines records name their line."""
+    readers = {"jsonl": jsonl_records, "json": json_records, "parquet": parquet_records}
     path_format = file_format(path)
-    if path_format not in _BUILDERS:
+    if path_format not in readers:
         raise ValueError(f"{path}: preference data must be .jsonl, .json or .parquet (optionally .gz); plain text "
                          "has no pairs. Convert it to JSON Lines records with prompt, chosen and rejected.")
     if path_format != "parquet":
         check_has_records(path)
-    try:
-        ds = datasets.load_dataset(_BUILDERS[path_format], data_files=[path], split="train")
-    except (DatasetGenerationError, UnicodeDecodeError) as e:
-        cause = e.__cause__ or e
-        raise ValueError(f"{path}: cannot be read as {path_format} records ({type(cause).__name__}: {cause}). Check "
-                         "that the file is valid UTF-8 and holds one JSON object per line (.jsonl), a JSON list of "
-                         "objects (.json) or a parquet table.") from e
-    for index, row in enumerate(ds):
-        yield f"{path}, record {index}", row
+    yield from readers[path_format](path)
 
 
 def _record_streams(source: str, split: str) -> list[Iterator[tuple[str, Any]]]:

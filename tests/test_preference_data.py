@@ -62,7 +62,7 @@ def tokenizer() -> Tokenizer:
 def test_prompt_chosen_rejected_strings(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
     pairs, stats = load_pairs(path)
-    assert pairs == [PreferencePair([user("2+2?")], "4", "5", f"{path}, record 0")]
+    assert pairs == [PreferencePair([user("2+2?")], "4", "5", f"{path}, record 0 (line 1)")]
     assert stats.records == 1
 
 
@@ -162,9 +162,9 @@ def test_folder_of_files(tmp_path):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"prompt": "q", "chosen": "y"}, r"record 0: missing or null field 'rejected', which prompt/chosen/rejected "
+    ({"prompt": "q", "chosen": "y"}, r"record 0 \(line 1\): missing or null field 'rejected', which prompt/chosen/rejected "
                                      r"records need .* Add the field or remove the record"),
-    ({"prompt": "q", "chosen": "y", "rejected": " "}, r"record 0: field 'rejected' is an empty reply\. Write the reply"),
+    ({"prompt": "q", "chosen": "y", "rejected": " "}, r"record 0 \(line 1\): field 'rejected' is an empty reply\. Write the reply"),
     ({"prompt": "q", "chosen": [assistant("")], "rejected": "n"}, r"field 'chosen' is an empty reply"),
     ({"prompt": [user("q"), assistant("a")], "chosen": "y", "rejected": "n"},
      r"field 'prompt' ends with a assistant message; a prompt must end with the user message"),
@@ -198,7 +198,7 @@ def test_bad_record(tmp_path, record, message):
 def test_bad_record_named_by_index(tmp_path):
     records = [{"prompt": "q", "chosen": "y", "rejected": "n"}] * 3 + [{"prompt": "q", "chosen": "y", "rejected": ""}]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    with pytest.raises(ValueError, match=r"pairs\.jsonl, record 3: field 'rejected' is an empty reply"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl, record 3 \(line 4\): field 'rejected' is an empty reply"):
         load_pairs(path)
 
 
@@ -211,8 +211,8 @@ def test_reply_types_may_differ(tmp_path):
 def test_invalid_json_named(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "q", "chosen": "y", "rejected": "n"}\n{"prompt": "q", "chosen": \n')
-    with pytest.raises(ValueError, match=r"pairs\.jsonl: cannot be read as jsonl records \(ArrowInvalid: JSON parse "
-                                         r"error: .* in row 1\)\. Check that the file is valid UTF-8"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl, line 2: invalid JSON \(.*\)\. Fix the JSON or remove the "
+                                         r"record"):
         load_pairs(str(path))
 
 
@@ -388,3 +388,10 @@ def test_empty_file_is_named(tmp_path):
     path.write_text("\n  \n")
     with pytest.raises(ValueError, match=rf"{path} is empty: it has no records"):
         load_pairs(str(path))
+
+
+def test_wrong_reply_type_names_line(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "y", "rejected": "n"},
+                                                  {"prompt": "q", "chosen": "y", "rejected": 5}])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl, record 1 \(line 2\), field 'rejected'"):
+        load_pairs(path)
