@@ -44,7 +44,7 @@ from gpt.checkpoint import (MODEL_CONFIG_FILE, TOKENIZER_FILE, check_checkpoint_
 from gpt.config import option, save_config
 from gpt.generate import SamplingParams, generate
 from gpt.lora import TARGET_SHORTCUTS, add_lora, is_peft_model, merge_adapter, save_adapter
-from gpt.model import GPT
+from gpt.model import GPT, packed_attention_mask
 from gpt.sft_data import DEFAULT_NAMES, fit_conversations, load_mix, parse_mix, split_heldout
 from gpt.tokenizer import Tokenizer
 from gpt.training import Hooks, TrainConfig, Trainer, plot_loss
@@ -189,10 +189,7 @@ def collate(rows: Sequence[Sequence[Example]], pack: bool) -> dict[str, Any]:
     batch = {"input_ids": input_ids, "targets": targets, "n_tokens": int((segments >= 0).sum()),
              "n_targets": int((targets != -100).sum())}
     if pack:
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        # Padding forms a segment of its own, so each padding query attends at least to itself (no NaN rows).
-        same_segment = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-        batch["attention_mask"] = (same_segment & causal)[:, None]  # (B, 1, T, T)
+        batch["attention_mask"] = packed_attention_mask(segments)  # (B, 1, T, T)
         batch["position_ids"] = positions
     else:
         batch["attention_mask"] = (segments >= 0).long()

@@ -140,7 +140,7 @@ def load_train_state(ckpt_dir: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError) as error:
-        # A cut-short zip archive: the run that wrote it was killed outside the atomic rename,
-        # or the file was copied in part.
+        # A cut-short zip archive. The stages write it atomically, so it was most likely
+        # copied or edited in part.
         raise ValueError(f"{path} cannot be read ({error}); the resume state is damaged. Delete it and start "
                          "fresh without --resume, or use another out_dir") from None

@@ -359,8 +359,8 @@ class _LayerStep:
 
 
 class DecodePlan:
-    """What the decoding steps of one KV cache reuse: the model's weights as functions, and
-    views and masks of the cache. A cache keeps its plan in `KVCache.decode_plan`, and marks
+    """The state that the decoding steps of one KV cache reuse: the model's weights as
+    functions, and views and masks of the cache. A cache keeps its plan in `KVCache.decode_plan`, and marks
     it stale when its rows or columns change by other means than a step."""
 
     def __init__(self, model: GPT, cache: KVCache, autocast: torch.dtype | None) -> None:
@@ -421,8 +421,10 @@ class DecodePlan:
         return logits, hidden[:, None]
 
     def _attention_mask(self, positions: torch.Tensor, S: int) -> torch.Tensor | None:
-        """The mask GPT.forward builds for one real token at column S - 1: None when it may
-        attend to every key, else a boolean (B, 1, 1, S) mask, or a float (B, H, 1, S) bias for ALiBi."""
+        """Return the mask GPT.forward builds for one real token at column S - 1.
+
+        None when the token may attend to every key, else a boolean (B, 1, 1, S) mask, or a
+        float (B, H, 1, S) bias for ALiBi."""
         allowed = self.key_mask[..., :S] if self.key_mask is not None else None
         window = self.config.sliding_window
         reaches_past_window = window is not None and S > window

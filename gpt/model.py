@@ -154,6 +154,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Build the causal mask of rows that pack several sequences.
+
+    Args:
+        segments: (B, T), the index of the sequence each token belongs to, -1 on padding.
+
+    Returns:
+        A boolean (B, 1, T, T) mask, True where a query may attend to a key: an earlier or
+        the same position of its own sequence. Padding forms a segment of its own, so each
+        padding query still attends to itself and no row of the softmax is empty.
+    """
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same_segment = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same_segment & causal)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

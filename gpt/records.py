@@ -160,10 +160,10 @@ def _json_error(path: str, e: json.JSONDecodeError, line: int | None = None) -> 
 
 
 def check_has_records(path: str) -> None:
-    """Raise a ValueError naming `path` when a JSON or JSON Lines file holds only whitespace.
+    """Raise a ValueError naming `path` when a JSON or JSON Lines file contains only whitespace.
 
-    `datasets` (5.2) fails on such a file with a bare StopIteration, which says nothing
-    about the file.
+    On such a file `datasets` (5.2) fails with a bare StopIteration, which does not name
+    the file.
     """
     # Bytes, not text: a file that is not UTF-8 gets its own error from the reader.
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:

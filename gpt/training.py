@@ -329,7 +329,7 @@ class Trainer:
             if self.is_main:
                 _truncate_metrics(metrics_path, self.step)
         elif metrics_path.exists() and self.is_main:
-            logger.warning("%s already holds a run; starting over replaces its checkpoint and metrics at the "
+            logger.warning("%s already contains a run. Starting over replaces its checkpoint and metrics at the "
                            "first save. Stop now and pass --resume to continue it, or use another out_dir",
                            self.out_dir)
             metrics_path.unlink()

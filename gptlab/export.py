@@ -58,7 +58,7 @@ def run(cfg: ExportConfig) -> Path:
     model_config = ModelConfig.from_dict(meta["model"])
     if "reward_model" in meta:
         # The reward head has no place in a causal LM folder.
-        logger.warning("%s is a reward model: the export holds its trunk as a causal language model, without "
+        logger.warning("%s is a reward model: the export contains its trunk as a causal language model, without "
                        "the reward head (reward_head.safetensors), so it cannot score conversations", ckpt_dir)
     try:
         layout = export_layout(model_config)

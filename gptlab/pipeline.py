@@ -108,9 +108,8 @@ def check_done_stage(stage: str, folder: Path, settings: dict, size: str) -> Non
         return
     saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
     expected = _flatten(config_to_dict(stage_config(stage, settings, size)))
-    # Fields of a newer gptlab are absent from an older config.yaml and are not compared.
-    # model.vocab_size is what the tokenizer gave, written over the default, and
-    # data.vocab_size, which the run sets, is compared instead.
+    # Fields that an older config.yaml lacks are not compared. Pretraining writes the
+    # tokenizer's size over model.vocab_size, so data.vocab_size is compared in its place.
     ignored = {"model.vocab_size", "train.resume"}
     changed = sorted(key for key in set(saved) & set(expected) if key not in ignored and saved[key] != expected[key])
     if changed:

@@ -40,6 +40,7 @@ class ReportConfig:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Read the records of a JSON Lines file, stopping at the first line that is not valid JSON."""
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

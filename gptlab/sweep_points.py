@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gptlab.report import read_jsonl
+
 if TYPE_CHECKING:
     from gptlab.sweep import SweepConfig
 
@@ -157,17 +159,6 @@ def is_finished(cfg: SweepConfig, point: Point) -> bool:
 # Results
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read the records of a JSON Lines file, stopping at the first line that is not valid JSON."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill
-    return records
-
-
 def model_numbers(folder: Path) -> dict[str, float]:
     """Count parameters and FLOPs per token of the model.json in `folder`; {} without one."""
     path = folder / "model.json"
@@ -231,6 +222,7 @@ def point_row(cfg: SweepConfig, point: Point) -> dict[str, Any]:
         row[cfg.seed_field] = point.seed
     row["run_dir"] = str(folder)
     row.update(model_numbers(folder))
+
     summary_path = folder / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -239,9 +231,11 @@ def point_row(cfg: SweepConfig, point: Point) -> dict[str, Any]:
                 row[key] = summary[key]
     if "flops_per_token" in row and "tokens_seen" in row:
         row["train_flops"] = row["flops_per_token"] * row["tokens_seen"]
+
     done_path = point.folder / DONE_FILE
     if done_path.exists():
         row["process_s"] = json.loads(done_path.read_text(encoding="utf-8")).get("process_s")
+
     if (folder / "metrics.jsonl").exists():
         row.update(metric_columns(read_jsonl(folder / "metrics.jsonl")))
     if (point.folder / LENGTH_FILE).exists():

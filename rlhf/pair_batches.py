@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from gpt.chat import render_chat, render_prompt
+from gpt.model import packed_attention_mask
 from gpt.tokenizer import SPECIAL_TOKENS, Tokenizer
 from rlhf.preference_formats import Messages, PreferencePair
 
@@ -148,10 +149,13 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int = PAD_ID, pack: bo
     of the tokens unpacked and 12% packed.
 
     Returns:
-        input_ids (R, T); attention_mask, (R, T) with 0 on padding, or packed a boolean
-        (R, 1, T, T); position_ids, None or packed (R, T); reply_mask (R, T), True on
-        reply tokens; segments (R, T), the sequence index of each token, -1 on padding;
-        n_pairs (B) and n_tokens (real tokens).
+        A dict of R rows of T tokens:
+        - input_ids (R, T).
+        - attention_mask: (R, T) with 0 on padding, or, packed, a boolean (R, 1, T, T).
+        - position_ids: None, or, packed, (R, T).
+        - reply_mask (R, T), True on reply tokens.
+        - segments (R, T), the sequence index of each token, -1 on padding.
+        - n_pairs (B) and n_tokens (the number of real tokens).
     """
     sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
     prompt_lengths = [len(p.prompt) for p in pairs] * 2
@@ -173,10 +177,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int = PAD_ID, pack: bo
     batch = {"input_ids": input_ids, "reply_mask": reply_mask, "segments": segments, "n_pairs": len(pairs),
              "n_tokens": int((segments >= 0).sum())}
     if pack:
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        # Padding forms a segment of its own, so each padding query still sees itself (no NaN rows).
-        same_segment = segments[:, :, None] == segments[:, None, :]  # (R, T, T)
-        batch["attention_mask"] = (same_segment & causal)[:, None]  # (R, 1, T, T)
+        batch["attention_mask"] = packed_attention_mask(segments)  # (R, 1, T, T)
         batch["position_ids"] = position_ids
     else:
         batch["attention_mask"] = (segments >= 0).long()

@@ -2,9 +2,10 @@
 train and held-out pairs as tokens.
 
 `load_pairs` reads a catalog name, a local file, folder or glob (.jsonl, .json, .parquet,
-gzipped or not; read as `gpt.records` reads chat data, so errors name the line of a
-JSON Lines record) or a Hub dataset through `datasets`, and converts each file's records
-with `rlhf.preference_formats`, in the format of its first record. `prepare_pairs` then
+gzipped or not) or a Hub dataset through `datasets`. Local files are read with
+`gpt.records`, as chat data is, so an error names the line of a JSON Lines record. The
+records of each file are converted with `rlhf.preference_formats`, in the format of the
+file's first record. `prepare_pairs` then
 splits the pairs by prompt and fits them into block_size with `rlhf.pair_batches`.
 """
 

@@ -8,9 +8,9 @@ Requests with the same sampling settings start together as one batch through
 each. A batch cannot take new rows once it has started, because the engine's batch
 is fixed at prefill. Rows of one batch share one SamplingParams, so requests with
 different settings, and each seeded sampling request, which must get the same text
-whatever else is running, start batches of their own. A cancelled request (its
-client disconnected) closes its batch when no other request shares it; otherwise
-its rows keep decoding until the batch ends and their tokens are dropped.
+whatever else is running, start batches of their own. A request is cancelled when its
+client disconnects. If no other request shares its batch, the batch closes. Otherwise
+its rows keep decoding until the batch ends, and their tokens are dropped.
 """
 
 from __future__ import annotations
